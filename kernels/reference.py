@@ -1,0 +1,151 @@
+"""Torch twins of every kernel: the oracle the Triton kernels are tested
+against, and the path used on CPU.
+
+The twins define the numerics. In particular the Gumbel noise of sampling is
+a pure function of (seed, offset) computed with the same Philox-4x32-10
+generator as Triton's ``tl.rand``, so the CPU path, the GPU kernel and the
+reference sampler draw bit-identical noise, whatever rows a step computes and
+whatever requests share the batch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_PHILOX_ROUNDS = 10
+# Triton's uint_to_uniform_float scale: the largest float32 with INT32_MAX * s < 1.
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32 bits of a * b for a 32-bit constant a and a tensor of
+    32-bit values held in int64, without overflowing int64."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    t = a_lo * b  # < 2**48
+    u = a_hi * b  # < 2**48
+    hi = (u + (t >> 16)) >> 16
+    lo = (((u & 0xFFFF) << 16) + t) & _MASK32
+    return hi, lo
+
+
+def philox_uint32(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.randint(seed, offset)`` for int64 seeds and offsets
+    (broadcast together); returns the random uint32 values held in int64."""
+    seed = seed.to(torch.int64)
+    offset = offset.to(torch.int64)
+    k0 = seed & _MASK32
+    k1 = (seed >> 32) & _MASK32
+    c0 = offset & _MASK32
+    c1 = (offset >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(_PHILOX_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def philox_uniform(seed: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """Triton's ``tl.rand(seed, offset)``: float32 uniform in [0, 1)."""
+    x = philox_uint32(seed, offset)
+    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32)
+
+
+def gumbel_noise(seed: torch.Tensor, row_offset: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Standard Gumbel noise, (num_rows, vocab_size) float32.
+
+    Row r draws from Philox stream ``seed[r]`` at offsets
+    ``row_offset[r] * vocab_size + v``: noise depends on nothing but the
+    request's seed, the step and the canvas position.
+    """
+    vocab = torch.arange(vocab_size, dtype=torch.int64, device=seed.device)
+    offset = row_offset.to(torch.int64)[:, None] * vocab_size + vocab[None, :]
+    u = philox_uniform(seed.to(torch.int64)[:, None], offset)
+    return -torch.log(-torch.log(u))
+
+
+def unmask_scores(
+    logits: torch.Tensor,  # (num_rows, vocab)
+    temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy
+    seed: torch.Tensor,  # (num_rows,) int64 Philox seed of the row's request and step
+    row_offset: torch.Tensor,  # (num_rows,) int64 the row's position in the generated part
+    banned_ids: torch.Tensor | None = None,  # (num_banned,) token ids never predicted
+    with_margin: bool = False,
+    with_entropy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Per row: x0 = argmax(logits / T + Gumbel) (plain argmax where T = 0),
+    the softmax probability of x0 under the unscaled logits, and optionally
+    the top-1 minus top-2 probability margin and the entropy.
+
+    Returns float32 ``prob`` (and ``margin``/``entropy``) and int64 ``x0``.
+    """
+    work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logits = logits.to(work_dtype)
+    if banned_ids is not None and banned_ids.numel() > 0:
+        logits = logits.index_fill(1, banned_ids.to(logits.device), float("-inf"))
+    scores = logits
+    sampled = temperature > 0
+    if bool(sampled.any()):
+        rows = sampled.nonzero().squeeze(1)
+        noise = gumbel_noise(seed[rows], row_offset[rows], logits.shape[1]).to(work_dtype)
+        t = temperature[rows].to(work_dtype)[:, None]
+        scores = logits.clone()
+        scores[rows] = logits[rows] / t + noise
+    x0 = scores.argmax(dim=1)
+    log_probs = torch.log_softmax(logits, dim=1)
+    out = {"x0": x0, "prob": log_probs.gather(1, x0[:, None]).squeeze(1).exp().float()}
+    if with_margin:
+        top2 = log_probs.topk(min(2, logits.shape[1]), dim=1).values.exp()
+        second = top2[:, 1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])
+        out["margin"] = (top2[:, 0] - second).float()
+    if with_entropy:
+        p = log_probs.exp()
+        out["entropy"] = -(p * torch.where(p > 0, log_probs, 0.0)).sum(dim=1).float()
+    return out
+
+
+def varlen_attention(
+    q: torch.Tensor,  # (num_q_tokens, num_heads, head_dim)
+    k: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
+    v: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
+    cu_seqlens_q: list[int],  # seq -> start of its queries; last = num_q_tokens
+    cu_seqlens_k: list[int],  # seq -> start of its current keys; last = num_k_tokens
+    k_cache: torch.Tensor | None = None,  # (num_pages, page_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor | None = None,  # (num_pages, page_size, num_kv_heads, head_dim)
+    block_table: torch.Tensor | None = None,  # (num_seqs, max_pages) int32 page ids
+    cache_seqlens: list[int] | None = None,  # seq -> number of cached keys
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Non-causal attention over a ragged batch: the queries of sequence i
+    attend to its cached keys (if any) and to its current keys, all of them
+    (no causal mask: LLaDA is bidirectional). Returns (num_q_tokens,
+    num_heads, head_dim) in q's dtype."""
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(len(cu_seqlens_q) - 1):
+        q0, q1 = cu_seqlens_q[i], cu_seqlens_q[i + 1]
+        k0, k1 = cu_seqlens_k[i], cu_seqlens_k[i + 1]
+        ks, vs = k[k0:k1], v[k0:k1]
+        if k_cache is not None and cache_seqlens is not None and cache_seqlens[i] > 0:
+            n = cache_seqlens[i]
+            page_size = k_cache.shape[1]
+            pages = block_table[i, : (n + page_size - 1) // page_size].long()
+            ks = torch.cat([k_cache[pages].flatten(0, 1)[:n], ks])
+            vs = torch.cat([v_cache[pages].flatten(0, 1)[:n], vs])
+        qh, kh, vh = q[q0:q1].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
+        if num_kv_heads != num_heads:
+            group = num_heads // num_kv_heads
+            kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
+        o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale)
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out

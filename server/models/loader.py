@@ -1,0 +1,201 @@
+"""Loading Hugging Face checkpoints: safetensors only, streamed.
+
+Weights are read straight from disk into the model's preallocated parameters
+(``readinto`` on the parameter's own memory when dtypes match), one tensor at a
+time, so loading never holds two copies of the weights. Pickle checkpoints
+(``.bin``/``.pt``) are refused, never unpickled. Every bad checkpoint gets one
+error naming the file, tensor or field.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from server.models import registry
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names what is wrong."""
+
+
+@dataclass
+class TensorEntry:
+    name: str
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in file
+    end: int
+
+
+def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
+    """A local directory as is; otherwise a hub repo id, taken from the local
+    Hugging Face cache or downloaded. Offline and not cached is an error
+    saying so."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"--model {model!r} is a file; give the checkpoint's directory")
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise CheckpointError(f"--model {model!r}: no such directory, and not a hub repo id (org/name)")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True))
+    except Exception:
+        pass
+    try:
+        return Path(snapshot_download(model, allow_patterns=patterns, cache_dir=cache_dir))
+    except Exception as e:  # offline, unknown repo, auth
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {e}"
+        raise CheckpointError(
+            f"--model {model!r} is not a local directory and is not in the Hugging Face cache, "
+            f"and it could not be downloaded ({why}). Download it where there is network "
+            f"(huggingface-cli download {model}) or pass a local directory."
+        ) from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing (a Hugging Face checkpoint directory needs it)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, from its index when sharded."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: no 'weight_map'")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index}: names shard {f.name}, which is missing from {path}")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    pickles = sorted(p.name for p in path.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+    if pickles:
+        raise CheckpointError(
+            f"{path}: only pickle weights ({', '.join(pickles)}); llada-serve loads safetensors only "
+            "and never unpickles. Convert the checkpoint to safetensors."
+        )
+    raise CheckpointError(f"{path}: no model.safetensors and no model.safetensors.index.json")
+
+
+def read_header(file: Path) -> list[TensorEntry]:
+    with open(file, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{file}: not a safetensors file (too short)")
+        (n,) = struct.unpack("<Q", raw)
+        size = file.stat().st_size
+        if n > size - 8:
+            raise CheckpointError(f"{file}: not a safetensors file (header length {n} > file size)")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{file}: not a safetensors file (unreadable header)") from None
+    entries = []
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta.get("dtype") not in _ST_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {meta.get('dtype')}")
+        start, end = meta["data_offsets"]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{file}: tensor {name} runs past the end of the file (truncated?)")
+        entries.append(TensorEntry(name, file, _ST_DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + n + start, 8 + n + end))
+    return entries
+
+
+def _read_into(entry: TensorEntry, dest: torch.Tensor) -> None:
+    """Fill ``dest`` (a slice of a parameter) with the tensor's data, reading
+    straight into it when it is a contiguous CPU tensor of the file's dtype."""
+    with open(entry.file, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
+            buf = dest.view(-1).view(torch.uint8).numpy()
+            if f.readinto(buf) != entry.end - entry.start:
+                raise CheckpointError(f"{entry.file}: tensor {entry.name} is truncated")
+            return
+        tmp = torch.empty(entry.shape, dtype=entry.dtype)
+        if f.readinto(tmp.view(-1).view(torch.uint8).numpy()) != entry.end - entry.start:
+            raise CheckpointError(f"{entry.file}: tensor {entry.name} is truncated")
+        dest.copy_(tmp)
+
+
+def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
+    table = model.checkpoint_params()
+    entries = [e for f in files for e in read_header(f)]
+    seen: set[str] = set()
+    unexpected = [e.name for e in entries if e.name not in table]
+    if unexpected:
+        first = next(e for e in entries if e.name in unexpected)
+        raise CheckpointError(f"{first.file}: unexpected tensor {unexpected[0]}"
+                              + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+    for e in entries:
+        param, row0, row1 = table[e.name]
+        expected = (row1 - row0, *param.shape[1:])
+        if tuple(e.shape) != expected:
+            raise CheckpointError(f"{e.file}: tensor {e.name} has shape {list(e.shape)}, the config implies {list(expected)}")
+        if e.name in seen:
+            raise CheckpointError(f"{e.file}: tensor {e.name} appears twice in the checkpoint")
+        seen.add(e.name)
+        with torch.no_grad():
+            _read_into(e, param.data[row0:row1])
+    missing = sorted(set(table) - seen)
+    if missing:
+        raise CheckpointError(f"{files[0].parent}: missing tensor {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+
+def pick_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
+    if dtype == "auto":
+        dtype = raw_config.get("torch_dtype") or "float32"
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device!r} asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.nn.Module:
+    """Builds the model for the checkpoint at ``path`` and loads its weights."""
+    raw = read_json(path / "config.json")
+    model_cls, cfg = registry.resolve(raw, str(path / "config.json"))
+    files = checkpoint_files(path)
+    torch_dtype, torch_device = pick_dtype(dtype, raw), pick_device(device)
+    with torch.device("meta"):
+        model = model_cls(cfg)
+    # Allocate once, uninitialised, on the target device in the target dtype.
+    model = model.to_empty(device=torch_device).to(torch_dtype)
+    load_weights(model, files)
+    return model.eval().requires_grad_(False)
