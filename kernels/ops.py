@@ -26,3 +26,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
 
 def unmask_scores(logits, temperature, seed, row_offset, **kwargs):
     return reference.unmask_scores(logits, temperature, seed, row_offset, **kwargs)
+
+
+def select_commits(confidence, row_seq, quota, threshold=None):
+    return reference.select_commits(confidence, row_seq, quota, threshold)

@@ -149,3 +149,35 @@ def varlen_attention(
         o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
+
+
+def select_commits(
+    confidence: torch.Tensor,  # (num_rows,) float32; -inf rows are never committed by quota
+    row_seq: torch.Tensor,  # (num_rows,) int64 row -> sequence index in [0, num_seqs)
+    quota: torch.Tensor,  # (num_seqs,) int64 tokens to commit this step (quota rule)
+    threshold: torch.Tensor | None = None,  # (num_seqs,) float32; > 0 selects the threshold rule
+) -> torch.Tensor:
+    """Which rows to commit, (num_rows,) bool, per sequence:
+    - quota rule (threshold <= 0 or None): its ``quota`` most confident rows;
+    - threshold rule: every row with confidence >= threshold, and at least
+      its most confident row.
+    Ties go to the lower row index (rows are in canvas order within a
+    sequence). No host synchronisation."""
+    num_rows = confidence.shape[0]
+    if num_rows == 0:
+        return torch.zeros(0, dtype=torch.bool, device=confidence.device)
+    # Group rows by sequence, most confident first, stable so ties keep row order.
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    order = order[torch.sort(row_seq[order], stable=True).indices]
+    seq_sorted = row_seq[order]
+    counts = torch.bincount(row_seq, minlength=quota.shape[0])
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_rows, device=confidence.device) - starts[seq_sorted]
+    take = rank < quota[seq_sorted]
+    if threshold is not None:
+        by_threshold = threshold[seq_sorted] > 0
+        take_t = (confidence[order] >= threshold[seq_sorted]) | (rank == 0)
+        take = torch.where(by_threshold, take_t, take)
+    commit = torch.zeros(num_rows, dtype=torch.bool, device=confidence.device)
+    commit[order] = take
+    return commit
