@@ -1,0 +1,80 @@
+"""One batched denoising step over a ragged batch.
+
+The batch is described row by row: a row is one masked position of the
+current block of one sequence, and only rows get logits (the LM head never
+runs on the rest of the canvas). Sequences in one step may differ in
+everything: canvas length, block, step, quota, temperature, seed, remasking.
+A sequence's result depends only on its own rows and its own seed, never on
+its batch mates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels import ops
+from kernels.reference import philox_uniform
+from sampler.remasking import REMASKING
+
+
+@dataclass
+class StepRows:
+    row_seq: torch.Tensor  # (num_rows,) int64 row -> sequence index in the step
+    row_offset: torch.Tensor  # (num_rows,) int64 row -> position within its generated part
+    temperature: torch.Tensor  # (num_rows,) float32
+    seed: torch.Tensor  # (num_rows,) int64 Philox seed of the sequence's step (sampling noise)
+    random_seed: torch.Tensor  # (num_rows,) int64 Philox seed of the sequence's step (random remasking)
+    quota: torch.Tensor  # (num_seqs,) int64 tokens to commit per sequence
+    remasking: list[str]  # sequence -> strategy name
+
+    @classmethod
+    def build(
+        cls,
+        row_offsets: list[list[int]],  # seq -> its rows' positions within the generated part
+        quotas: list[int],  # seq -> tokens to commit
+        temperatures: list[float],  # seq -> temperature
+        seeds: list[int],  # seq -> step seed (stream 0)
+        random_seeds: list[int],  # seq -> step seed (stream 1)
+        remasking: list[str],  # seq -> strategy name
+        device: torch.device,
+    ) -> "StepRows":
+        counts = [len(r) for r in row_offsets]
+
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)], dtype=dtype, device=device)
+
+        return cls(
+            row_seq=per_row(list(range(len(counts))), torch.int64),
+            row_offset=torch.tensor([o for r in row_offsets for o in r], dtype=torch.int64, device=device),
+            temperature=per_row(temperatures, torch.float32),
+            seed=per_row(seeds, torch.int64),
+            random_seed=per_row(random_seeds, torch.int64),
+            quota=torch.tensor(quotas, dtype=torch.int64, device=device),
+            remasking=remasking,
+        )
+
+
+def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Classifier-free guidance as the reference does it:
+    uncond + (scale + 1) * (cond - uncond). scale: (num_rows, 1)."""
+    return uncond + (scale + 1) * (cond - uncond)
+
+
+def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits: (num_rows, vocab). Returns (x0, commit): the predicted token
+    of every row, int64 (num_rows,), and which rows to commit now, bool
+    (num_rows,)."""
+    scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset)
+    names = sorted(set(rows.remasking))
+    if any(REMASKING[n].needs_uniform for n in names):
+        scores["uniform"] = philox_uniform(rows.random_seed, rows.row_offset)
+    if len(names) == 1:
+        confidence = REMASKING[names[0]].confidence(scores)
+    else:
+        kind = torch.tensor([names.index(n) for n in rows.remasking], device=logits.device)[rows.row_seq]
+        confidence = torch.empty_like(scores["prob"])
+        for k, n in enumerate(names):
+            confidence = torch.where(kind == k, REMASKING[n].confidence(scores).to(confidence.dtype), confidence)
+    commit = ops.select_commits(confidence.float(), rows.row_seq, rows.quota)
+    return scores["x0"], commit

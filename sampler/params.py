@@ -1,0 +1,52 @@
+"""DiffusionParams: the decoding settings of one request, validated once."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from sampler.remasking import REMASKING
+
+
+@dataclass
+class DiffusionParams:
+    gen_length: int = 128  # canvas tokens after the prompt (OpenAI's max_tokens)
+    steps: int | None = None  # denoising steps over the whole canvas; None = gen_length
+    block_length: int = 32  # semi-autoregressive block size; >= gen_length = pure diffusion
+    temperature: float = 0.0  # Gumbel-max sampling temperature; 0 = greedy
+    cfg_scale: float = 0.0  # classifier-free guidance (the prompt masked out); 0 = off
+    remasking: str = "low_confidence"  # which masked positions to commit, by name
+    seed: int | None = None  # seeds the request's noise; None = drawn at creation
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if self.steps is None:
+            self.steps = self.gen_length
+        if self.seed is None:
+            self.seed = random.getrandbits(63)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        def check(ok: bool, field: str, msg: str) -> None:
+            if not ok:
+                raise ValueError(f"{field}: {msg}")
+
+        for name in ("gen_length", "block_length"):
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, name,
+                  f"must be a positive integer, got {value!r}")
+        steps = self.gen_length if self.steps is None else self.steps
+        check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "steps",
+              f"must be a positive integer, got {steps!r}")
+        num_blocks = -(-self.gen_length // self.block_length)
+        check(steps >= num_blocks, "steps",
+              f"{steps} steps cannot cover {num_blocks} blocks (gen_length {self.gen_length} / "
+              f"block_length {self.block_length}); use at least one step per block")
+        check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, "temperature",
+              f"must be a number in [0, 100], got {self.temperature!r}")
+        check(isinstance(self.cfg_scale, (int, float)) and 0 <= self.cfg_scale <= 100, "cfg_scale",
+              f"must be a number in [0, 100], got {self.cfg_scale!r}")
+        check(self.remasking in REMASKING, "remasking",
+              f"unknown strategy {self.remasking!r}; one of {', '.join(sorted(REMASKING))}")
+        check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                    and -2**63 <= self.seed < 2**64), "seed",
+              f"must be an integer that fits in 64 bits, got {self.seed!r}")

@@ -1,0 +1,81 @@
+"""LLMEngine: one model, one scheduler, one runner; ``step()`` is schedule,
+execute, update. Synchronous; the offline ``LLM`` drives it in a loop and the
+async server drives it from its own thread."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sampler.params import DiffusionParams
+from server.config import ModelConfig
+from server.engine.messages import RequestOutput, RunnerOutput
+from server.engine.request import Request, RequestStatus
+from server.engine.runner import ModelRunner
+from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.models.loader import load_model, resolve_model_path
+from server.tokenizer import Tokenizer, stop_token_ids
+
+logger = logging.getLogger(__name__)
+
+
+class LLMEngine:
+    def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig | None = None):
+        self.model_config = model_config
+        self.path: Path = resolve_model_path(model_config.model)
+        self.model = load_model(self.path, model_config.dtype, model_config.device)
+        self.raw_config = json.loads((self.path / "config.json").read_text())
+        cfg = self.model.config
+        self.mask_id: int = cfg.mask_token_id
+        self.vocab_size: int = cfg.embedding_size
+        self.max_model_len: int = model_config.max_model_len or cfg.max_sequence_length
+        self.tokenizer = Tokenizer.load(self.path)
+        self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
+        self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
+        self.runner = ModelRunner(self.model, self.mask_id)
+
+    def check_prompt(self, prompt_ids: list[int], params: DiffusionParams) -> None:
+        """Raises ValueError naming what is wrong with a request."""
+        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+        if self.mask_id in prompt_ids:
+            raise ValueError(f"prompt: contains the mask token id {self.mask_id}")
+        total = len(prompt_ids) + params.gen_length
+        if total > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.gen_length}) = {total} "
+                f"exceeds the model's maximum length {self.max_model_len}")
+
+    def add_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> None:
+        self.check_prompt(prompt_ids, params)
+        self.scheduler.add(Request(req_id, list(prompt_ids), params, self.mask_id, self.stop_ids))
+
+    def abort_request(self, req_id: str) -> bool:
+        return self.scheduler.abort(req_id) is not None
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> list[RequestOutput]:
+        sched = self.scheduler.schedule()
+        try:
+            result = self.runner.execute(sched)
+        except Exception:
+            if len(sched.seqs) <= 1:
+                raise
+            # Find the request that broke the batch: run each alone; those that
+            # still fail are failed, the rest keep their step.
+            result, failed = RunnerOutput(), []
+            for seq in sched.seqs:
+                try:
+                    result.commits.update(self.runner.execute(type(sched)(seqs=[seq])).commits)
+                except Exception as e:
+                    logger.exception("request %s failed in the model runner", seq.req_id)
+                    failed.append(self._fail(seq.req_id, e))
+            return failed + self.scheduler.update(result)
+        return self.scheduler.update(result)
+
+    def _fail(self, req_id: str, error: Exception) -> RequestOutput:
+        req = self.scheduler.abort(req_id, RequestStatus.FINISHED_ERROR, f"{type(error).__name__}: {error}")
+        return RequestOutput(req_id, [], req.output_ids if req else [], True, "error", req.error if req else None)

@@ -1,0 +1,45 @@
+"""What crosses the engine's boundaries: plain dataclasses, no torch."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScheduledSeq:
+    """One request's denoising step, as the runner needs it."""
+
+    req_id: str
+    canvas: list[int]  # prompt + generated part, mask_id where still masked
+    prompt_len: int  # the generated part starts here
+    rows: list[int]  # canvas positions that get logits: the current block's masked positions
+    quota: int  # tokens to commit this step
+    temperature: float
+    seed: int  # Philox seed of this step's sampling noise
+    random_seed: int  # Philox seed of this step's random-remasking scores
+    remasking: str  # strategy name
+    cfg_scale: float  # 0 = no guidance
+
+
+@dataclass
+class SchedulerOutput:
+    seqs: list[ScheduledSeq] = field(default_factory=list)  # those that take a step now
+    admitted: list[str] = field(default_factory=list)  # req_ids moved from waiting to running
+
+
+@dataclass
+class RunnerOutput:
+    # req_id -> (committed canvas positions, their tokens)
+    commits: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+
+
+@dataclass
+class RequestOutput:
+    """A request's progress after one engine step."""
+
+    req_id: str
+    new_token_ids: list[int]  # tokens that became final in this step
+    token_ids: list[int]  # the whole final prefix so far (ends before any stop token)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None
+    committed: tuple[list[int], list[int]] | None = None  # this step's (positions, tokens)

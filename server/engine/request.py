@@ -1,0 +1,129 @@
+"""A request's decoding state, torch-free: the canvas, where it is in its
+block schedule, and how much of its answer is final."""
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from sampler.params import DiffusionParams
+from sampler.schedule import block_bounds, commit_quota, step_seed, steps_per_block
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED_STOPPED = "stop"  # an EOS/EoT or stop string ended the answer
+    FINISHED_LENGTH = "length"  # the canvas was filled without one
+    FINISHED_ABORTED = "abort"  # cancelled or disconnected
+    FINISHED_ERROR = "error"  # failed alone; others went on
+
+    @property
+    def is_finished(self) -> bool:
+        return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
+
+
+@dataclass
+class Request:
+    req_id: str
+    prompt_ids: list[int]
+    params: DiffusionParams
+    mask_id: int
+    stop_ids: frozenset[int]  # EOS/EoT ids: the answer ends before the first one
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    error: str | None = None
+
+    def __post_init__(self) -> None:
+        p = self.params
+        self.canvas: list[int] = list(self.prompt_ids) + [self.mask_id] * p.gen_length
+        self.blocks = block_bounds(p.gen_length, p.block_length)  # relative to the generated part
+        self.block_steps = steps_per_block(p.steps, len(self.blocks))
+        self.block_idx = 0
+        self.step_in_block = 0
+        self.step_index = 0  # global step counter, zero-quota steps included (keys the noise)
+        self.num_forward_steps = 0  # forward passes actually run for this request
+        self.num_final = 0  # length of the final prefix of the generated part
+        self.stop_at: int | None = None  # index in the generated part of the first stop token
+        self.first_token_time: float | None = None
+        self._quotas = commit_quota(self._block_size(), self.block_steps[0])
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens this request puts through the model per step."""
+        return len(self.canvas) * (2 if self.params.cfg_scale > 0 else 1)
+
+    def _block_size(self) -> int:
+        b0, b1 = self.blocks[self.block_idx]
+        return b1 - b0
+
+    @property
+    def block_range(self) -> tuple[int, int]:
+        """Absolute [start, end) of the current block in the canvas."""
+        b0, b1 = self.blocks[self.block_idx]
+        return self.prompt_len + b0, self.prompt_len + b1
+
+    def skip_empty_steps(self) -> None:
+        """Steps whose quota is 0 commit nothing: pass them without a forward."""
+        while not self.is_done and self._quotas[self.step_in_block] == 0:
+            self._advance()
+
+    @property
+    def is_done(self) -> bool:
+        return self.block_idx >= len(self.blocks) or self.stop_at is not None
+
+    def quota(self) -> int:
+        return self._quotas[self.step_in_block]
+
+    def seeds(self) -> tuple[int, int]:
+        """(sampling seed, random-remasking seed) of the current step."""
+        return step_seed(self.params.seed, self.step_index, 0), step_seed(self.params.seed, self.step_index, 1)
+
+    def masked_positions(self) -> list[int]:
+        b0, b1 = self.block_range
+        return [i for i in range(b0, b1) if self.canvas[i] == self.mask_id]
+
+    def commit(self, positions: list[int], tokens: list[int]) -> list[int]:
+        """Writes committed tokens, advances the schedule; returns the token
+        ids that became final (the final prefix's growth)."""
+        for pos, tok in zip(positions, tokens):
+            self.canvas[pos] = tok
+        self.num_forward_steps += 1
+        self._advance()
+        return self._grow_final()
+
+    def _advance(self) -> None:
+        self.step_index += 1
+        self.step_in_block += 1
+        if self.step_in_block == self.block_steps[self.block_idx]:
+            self.block_idx += 1
+            self.step_in_block = 0
+            if self.block_idx < len(self.blocks):
+                self._quotas = commit_quota(self._block_size(), self.block_steps[self.block_idx])
+
+    def _grow_final(self) -> list[int]:
+        """A token is final once it and every position before it are
+        committed; the first final stop token ends the answer (exact early
+        stop: nothing after it can change what is returned)."""
+        start = self.num_final
+        gen = self.canvas
+        n = self.prompt_len + self.num_final
+        while n < len(gen) and gen[n] != self.mask_id and self.stop_at is None:
+            if gen[n] in self.stop_ids:
+                self.stop_at = n - self.prompt_len
+            else:
+                self.num_final += 1
+            n += 1
+        return gen[self.prompt_len + start: self.prompt_len + self.num_final]
+
+    @property
+    def output_ids(self) -> list[int]:
+        """The answer: the final prefix, which ends before the first stop token."""
+        return self.canvas[self.prompt_len: self.prompt_len + self.num_final]
+
+    def finish_status(self) -> RequestStatus:
+        return RequestStatus.FINISHED_STOPPED if self.stop_at is not None else RequestStatus.FINISHED_LENGTH

@@ -1,0 +1,79 @@
+"""The model's tokenizer and the token ids that end an answer.
+
+Loaded offline from the checkpoint directory with transformers'
+AutoTokenizer (no remote code). A checkpoint without tokenizer files still
+serves token-id prompts; text then is None. EOS/EoT ids come from the
+model's own files (config, generation config, tokenizer), never hard-coded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_END_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>")
+
+
+class Tokenizer:
+    def __init__(self, hf_tokenizer):
+        self.hf = hf_tokenizer
+
+    @classmethod
+    def load(cls, path: Path) -> "Tokenizer | None":
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            return None
+        from transformers import AutoTokenizer
+
+        return cls(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        """A plain completion prompt, with the special tokens the model's
+        tokenizer adds by default (e.g. a BOS)."""
+        return self.hf(text)["input_ids"]
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        """The model's chat template with the assistant turn opened, then
+        tokenized with add_special_tokens=False (the template holds them)."""
+        if not getattr(self.hf, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; use a plain completion prompt")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode(ids, skip_special_tokens=True)
+
+    def token_pieces(self, ids: list[int]) -> list[str]:
+        return [self.hf.decode([i]) for i in ids]
+
+    def end_ids(self) -> set[int]:
+        ids = set()
+        if self.hf.eos_token_id is not None:
+            ids.add(self.hf.eos_token_id)
+        vocab = self.hf.get_vocab()
+        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
+        return ids
+
+
+def stop_token_ids(path: Path, raw_config: dict[str, Any], tokenizer: Tokenizer | None) -> frozenset[int]:
+    """Every id that ends an answer: EOS from config.json and
+    generation_config.json (an int or a list), EOS and EoT from the tokenizer."""
+    ids: set[int] = set()
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+
+    add(raw_config.get("eos_token_id"))
+    gen_config = path / "generation_config.json"
+    if gen_config.is_file():
+        add(json.loads(gen_config.read_text()).get("eos_token_id"))
+    if tokenizer is not None:
+        ids |= tokenizer.end_ids()
+    return frozenset(ids)
