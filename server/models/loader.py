@@ -190,7 +190,12 @@ def pick_device(device: str) -> torch.device:
 def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.nn.Module:
     """Builds the model for the checkpoint at ``path`` and loads its weights."""
     raw = read_json(path / "config.json")
-    model_cls, cfg = registry.resolve(raw, str(path / "config.json"))
+    try:
+        model_cls, cfg = registry.resolve(raw, str(path / "config.json"))
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(str(e)) from None
     files = checkpoint_files(path)
     torch_dtype, torch_device = pick_dtype(dtype, raw), pick_device(device)
     with torch.device("meta"):

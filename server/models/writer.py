@@ -1,0 +1,52 @@
+"""Writing a model as a Hugging Face LLaDA checkpoint directory (the format
+the loader reads): ``config.json`` with LLaDA's field names and
+``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
+under the real checkpoint's tensor names, fused weights split back.
+Used by the demo-model training script, tests and benchmarks."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
+
+
+def llada_config_dict(cfg) -> dict:
+    raw = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    raw.update(cfg.extra)
+    raw.update({
+        "architectures": ["LLaDAModelLM"], "model_type": "llada", "rope": True,
+        "rope_full_precision": True, "block_type": "llama", "layer_norm_type": "rms",
+        "activation_type": "silu", "include_bias": False, "include_qkv_bias": False,
+        "alibi": False, "scale_logits": False, "use_cache": False,
+    })
+    return raw
+
+
+def save_checkpoint(model: torch.nn.Module, out: Path, num_shards: int = 1, dtype: torch.dtype | None = None) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or model.dtype
+    tensors = {name: param.data[r0:r1].detach().to("cpu", dtype).contiguous()
+               for name, (param, r0, r1) in model.checkpoint_params().items()}
+    raw = llada_config_dict(model.config)
+    raw["torch_dtype"] = _DTYPE_NAMES[dtype]
+    (out / "config.json").write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n")
+    names = sorted(tensors)
+    if num_shards == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i in range(num_shards):
+        shard = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+        part = names[i::num_shards]
+        save_file({n: tensors[n] for n in part}, str(out / shard), metadata={"format": "pt"})
+        weight_map.update({n: shard for n in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+             "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

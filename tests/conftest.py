@@ -1,0 +1,52 @@
+"""Shared fixtures: the golden data (../shared/golden beside the repository)
+and tiny random LLaDA checkpoints made on the fly."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO.parent / "shared" / "golden" / "llada-tiny"
+
+
+def golden_cases() -> list[dict]:
+    return json.loads((GOLDEN / "generate_cases.json").read_text())["cases"]
+
+
+def golden_rows() -> list[tuple[str, list[int], dict, list[int]]]:
+    """Every golden row as (name, unpadded prompt, params, expected generated part)."""
+    rows = []
+    for case in golden_cases():
+        for i, prompt in enumerate(case["prompt"]):
+            mask = case["attention_mask"]
+            start = 0 if mask is None else mask[i].index(1)
+            rows.append((f"{case['name']}[{i}]", prompt[start:], case["params"], case["expected"][i][len(prompt):]))
+    return rows
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    assert GOLDEN.is_dir(), f"golden data missing at {GOLDEN}"
+    return GOLDEN
+
+
+def make_random_checkpoint(out: Path, seed: int = 0, num_shards: int = 1, dtype=torch.float32, **overrides) -> Path:
+    from server.models.llada import LLaDAConfig, LLaDAModel
+    from server.models.writer import save_checkpoint
+
+    fields = dict(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=64,
+                  rope_theta=10000.0, max_sequence_length=256, mask_token_id=63, eos_token_id=62, pad_token_id=62)
+    fields.update(overrides)
+    cfg = LLaDAConfig(**fields)
+    cfg.validate()
+    model = LLaDAModel(cfg)
+    model.init_random(seed, std=0.5)
+    return save_checkpoint(model, out, num_shards=num_shards, dtype=dtype)
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path) -> Path:
+    return make_random_checkpoint(tmp_path / "tiny")

@@ -1,0 +1,170 @@
+"""Checkpoint loading: formats, dtypes, every bad-checkpoint error, memory."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from server.models.loader import CheckpointError, load_model, resolve_model_path
+from tests.conftest import REPO, make_random_checkpoint
+
+
+def copy_golden(golden_dir, dst):
+    dst.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(golden_dir / name, dst / name)
+    return dst
+
+
+def test_sharded_checkpoint_gives_same_logits(golden_dir, tmp_path):
+    ref = load_model(golden_dir, "float64", "cpu")
+    sharded = tmp_path / "sharded"
+    from server.models.writer import save_checkpoint
+    save_checkpoint(load_model(golden_dir, "float32", "cpu"), sharded, num_shards=3)
+    assert not (sharded / "model.safetensors").exists()
+    assert len(json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]) == 21
+    model = load_model(sharded, "float64", "cpu")
+    ids = torch.arange(30).view(2, 15)
+    assert torch.equal(model.forward_dense(ids), ref.forward_dense(ids))
+
+
+@pytest.mark.parametrize("dtype,expected", [("auto", torch.float32), ("bfloat16", torch.bfloat16),
+                                            ("float16", torch.float16), ("float64", torch.float64)])
+def test_dtypes(golden_dir, dtype, expected):
+    model = load_model(golden_dir, dtype, "cpu")
+    assert model.dtype == expected
+    assert all(p.dtype == expected for p in model.parameters())
+    want = load_file(str(golden_dir / "model.safetensors"))["model.transformer.wte.weight"].to(expected)
+    assert torch.equal(model.wte.weight, want)
+
+
+def test_auto_dtype_follows_checkpoint(tmp_path):
+    ckpt = make_random_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+    assert load_model(ckpt, "auto", "cpu").dtype == torch.bfloat16
+
+
+def _break(golden_dir, tmp_path, edit):
+    ckpt = copy_golden(golden_dir, tmp_path / "ckpt")
+    edit(ckpt)
+    with pytest.raises(CheckpointError) as err:
+        load_model(ckpt, "float32", "cpu")
+    return str(err.value)
+
+
+def _edit_config(**changes):
+    def edit(ckpt):
+        raw = json.loads((ckpt / "config.json").read_text())
+        for k, v in changes.items():
+            if v is None:
+                raw.pop(k, None)
+            else:
+                raw[k] = v
+        (ckpt / "config.json").write_text(json.dumps(raw))
+    return edit
+
+
+def _edit_tensors(fn):
+    def edit(ckpt):
+        tensors = load_file(str(ckpt / "model.safetensors"))
+        fn(tensors)
+        save_file(tensors, str(ckpt / "model.safetensors"))
+    return edit
+
+
+BAD = {
+    "missing config": (lambda c: (c / "config.json").unlink(), "config.json: missing"),
+    "bad json": (lambda c: (c / "config.json").write_text("{nope"), "config.json: not valid JSON"),
+    "unknown architecture": (_edit_config(architectures=["DreamModel"]), "unknown architecture DreamModel"),
+    "no architectures": (_edit_config(architectures=None), "no 'architectures' field"),
+    "missing field": (_edit_config(n_layers=None), "missing field(s) n_layers"),
+    "unsupported feature": (_edit_config(alibi=True), "alibi=True is not supported"),
+    "missing tensor": (_edit_tensors(lambda t: t.pop("model.transformer.blocks.1.up_proj.weight")),
+                       "missing tensor model.transformer.blocks.1.up_proj.weight"),
+    "unexpected tensor": (_edit_tensors(lambda t: t.update({"model.transformer.extra.weight": torch.zeros(2)})),
+                          "unexpected tensor model.transformer.extra.weight"),
+    "shape mismatch": (_edit_tensors(lambda t: t.update({"model.transformer.ln_f.weight": torch.zeros(63)})),
+                       "tensor model.transformer.ln_f.weight has shape [63], the config implies [64]"),
+    "config disagrees with weights": (_edit_config(mlp_hidden_size=100),
+                                      "ff_out.weight has shape [64, 176], the config implies [64, 100]"),
+    "not safetensors": (lambda c: (c / "model.safetensors").write_bytes(b"\x00" * 4), "not a safetensors file"),
+    "truncated": (lambda c: (c / "model.safetensors").write_bytes((c / "model.safetensors").read_bytes()[:-100]),
+                  "runs past the end of the file"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_checkpoint_errors(golden_dir, tmp_path, case):
+    edit, message = BAD[case]
+    assert message in _break(golden_dir, tmp_path, edit)
+
+
+def test_pickle_only_checkpoint_is_refused(golden_dir, tmp_path):
+    def edit(ckpt):
+        (ckpt / "model.safetensors").unlink()
+        (ckpt / "pytorch_model.bin").write_bytes(b"not unpickled")
+    msg = _break(golden_dir, tmp_path, edit)
+    assert "only pickle weights (pytorch_model.bin)" in msg and "never unpickles" in msg
+
+
+def test_index_naming_missing_shard(golden_dir, tmp_path):
+    def edit(ckpt):
+        (ckpt / "model.safetensors").unlink()
+        index = {"weight_map": {"model.transformer.wte.weight": "model-00001-of-00002.safetensors"}}
+        (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert "names shard model-00001-of-00002.safetensors, which is missing" in _break(golden_dir, tmp_path, edit)
+
+
+def test_no_weights_at_all(golden_dir, tmp_path):
+    msg = _break(golden_dir, tmp_path, lambda c: (c / "model.safetensors").unlink())
+    assert "no model.safetensors and no model.safetensors.index.json" in msg
+
+
+def test_model_path_errors(tmp_path, monkeypatch):
+    with pytest.raises(CheckpointError, match="no such directory, and not a hub repo id"):
+        resolve_model_path(str(tmp_path / "absent"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache.*HF_HUB_OFFLINE is set"):
+        resolve_model_path("GSAI-ML/LLaDA-8B-Instruct", cache_dir=str(tmp_path / "hf-cache"))
+
+
+def test_hub_id_resolves_from_cache(golden_dir, tmp_path, monkeypatch):
+    """A repo id found in the local Hugging Face cache loads with no network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    repo = cache / "models--GSAI-ML--LLaDA-tiny"
+    commit = "0" * 40
+    copy_golden(golden_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    path = resolve_model_path("GSAI-ML/LLaDA-tiny", cache_dir=str(cache))
+    assert path == repo / "snapshots" / commit
+    assert load_model(path, "float32", "cpu").config.d_model == 64
+
+
+def test_loading_does_not_hold_two_copies(tmp_path):
+    """Peak RSS while loading a ~100 MB checkpoint stays under 1.5x its size
+    (measured in a fresh interpreter so nothing else is resident)."""
+    ckpt = make_random_checkpoint(tmp_path / "big", d_model=512, n_heads=8, n_kv_heads=8, n_layers=6,
+                                  mlp_hidden_size=1536, vocab_size=8192, mask_token_id=8191,
+                                  eos_token_id=8190, pad_token_id=8190)
+    size = (ckpt / "model.safetensors").stat().st_size
+    assert 80e6 < size < 130e6
+    script = textwrap.dedent(f"""
+        import resource, sys, torch
+        sys.path.insert(0, {str(REPO)!r})
+        from server.models.loader import load_model
+        torch.zeros(1) @ torch.zeros(1)  # warm the allocator and BLAS before measuring
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        model = load_model(__import__('pathlib').Path({str(ckpt)!r}), 'float32', 'cpu')
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(base, peak)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    base, peak = map(int, out.stdout.split())
+    assert peak - base < 1.5 * size, f"loading {size / 1e6:.0f} MB took {(peak - base) / 1e6:.0f} MB"

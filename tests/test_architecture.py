@@ -1,0 +1,44 @@
+"""DESIGN.md's import direction and the ``kernels`` name clash, checked in
+fresh interpreters so nothing already imported hides a violation."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def modules_after(import_line: str) -> set[str]:
+    code = f"import sys; {import_line}; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize("line", [
+    "import sampler.reference, sampler.block_diffusion, sampler.params",
+    "import kernels.ops, kernels.reference",
+])
+def test_sampler_and_kernels_never_import_server(line):
+    assert not {m for m in modules_after(line) if m == "server" or m.startswith("server.")}
+
+
+def test_scheduler_and_params_are_torch_free():
+    loaded = modules_after("import server.engine.scheduler, server.engine.request, sampler.params, server.config")
+    assert "torch" not in loaded
+
+
+def test_nothing_imports_tests_or_benchmarks():
+    for pkg in ("server", "sampler", "kernels"):
+        for path in (REPO / pkg).rglob("*.py"):
+            text = path.read_text()
+            assert "import tests" not in text and "from tests" not in text, path
+            assert "import benchmarks" not in text and "from benchmarks" not in text, path
+
+
+def test_transformers_does_not_take_our_kernels_for_hf_kernels():
+    code = ("import kernels, transformers.utils.import_utils as u; "
+            "assert not hasattr(kernels, '__version__'); print(u.is_kernels_available())")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
