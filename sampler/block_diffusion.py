@@ -25,6 +25,8 @@ class StepRows:
     temperature: torch.Tensor  # (num_rows,) float32
     seed: torch.Tensor  # (num_rows,) int64 Philox seed of the sequence's step (sampling noise)
     random_seed: torch.Tensor  # (num_rows,) int64 Philox seed of the sequence's step (random remasking)
+    top_k: torch.Tensor  # (num_rows,) int64; <= 0 = no limit
+    top_p: torch.Tensor  # (num_rows,) float32; 1 = no limit
     quota: torch.Tensor  # (num_seqs,) int64 tokens to commit per sequence
     remasking: list[str]  # sequence -> strategy name
 
@@ -38,6 +40,8 @@ class StepRows:
         random_seeds: list[int],  # seq -> step seed (stream 1)
         remasking: list[str],  # seq -> strategy name
         device: torch.device,
+        top_ks: list[int] | None = None,  # seq -> top_k
+        top_ps: list[float] | None = None,  # seq -> top_p
     ) -> "StepRows":
         counts = [len(r) for r in row_offsets]
 
@@ -50,6 +54,8 @@ class StepRows:
             temperature=per_row(temperatures, torch.float32),
             seed=per_row(seeds, torch.int64),
             random_seed=per_row(random_seeds, torch.int64),
+            top_k=per_row(top_ks or [0] * len(counts), torch.int64),
+            top_p=per_row(top_ps or [1.0] * len(counts), torch.float32),
             quota=torch.tensor(quotas, dtype=torch.int64, device=device),
             remasking=remasking,
         )
@@ -61,11 +67,36 @@ def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> 
     return uncond + (scale + 1) * (cond - uncond)
 
 
+def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Logits with every token outside each row's top-k / top-p nucleus set
+    to -inf (the likeliest token is always kept). (rows, vocab)."""
+    sorted_logits, order = logits.sort(dim=1, descending=True)
+    rank = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    probs = sorted_logits.float().softmax(dim=1)
+    mass_before = probs.cumsum(dim=1) - probs
+    keep &= mass_before < top_p[:, None]
+    keep[:, 0] = True
+    return logits.masked_fill(~keep.scatter(1, order, keep), float("-inf"))
+
+
 def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor]:
     """logits: (num_rows, vocab). Returns (x0, commit): the predicted token
     of every row, int64 (num_rows,), and which rows to commit now, bool
-    (num_rows,)."""
-    scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset)
+    (num_rows,).
+
+    top-k / top-p restrict which token is sampled (rows with temperature > 0);
+    the confidence stays the model's own probability of that token."""
+    filtered = (rows.temperature > 0) & ((rows.top_k > 0) | (rows.top_p < 1))
+    if bool(filtered.any()):
+        idx = filtered.nonzero().squeeze(1)
+        sampling_logits = logits.clone()
+        sampling_logits[idx] = top_k_top_p_filter(logits[idx], rows.top_k[idx], rows.top_p[idx])
+        scores = ops.unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset)
+        log_probs = torch.log_softmax(logits[idx].float(), dim=1)
+        scores["prob"][idx] = log_probs.gather(1, scores["x0"][idx, None]).squeeze(1).exp()
+    else:
+        scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset)
     names = sorted(set(rows.remasking))
     if any(REMASKING[n].needs_uniform for n in names):
         scores["uniform"] = philox_uniform(rows.random_seed, rows.row_offset)

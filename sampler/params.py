@@ -13,6 +13,8 @@ class DiffusionParams:
     steps: int | None = None  # denoising steps over the whole canvas; None = gen_length
     block_length: int = 32  # semi-autoregressive block size; >= gen_length = pure diffusion
     temperature: float = 0.0  # Gumbel-max sampling temperature; 0 = greedy
+    top_k: int = 0  # sample x0 among the k likeliest tokens; 0 or -1 = all (temperature > 0 only)
+    top_p: float = 1.0  # sample x0 within this probability mass; 1 = all (temperature > 0 only)
     cfg_scale: float = 0.0  # classifier-free guidance (the prompt masked out); 0 = off
     remasking: str = "low_confidence"  # which masked positions to commit, by name
     seed: int | None = None  # seeds the request's noise; None = drawn at creation
@@ -43,6 +45,10 @@ class DiffusionParams:
               f"block_length {self.block_length}); use at least one step per block")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, "temperature",
               f"must be a number in [0, 100], got {self.temperature!r}")
+        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1, "top_k",
+              f"must be an integer >= -1 (0 or -1: no limit), got {self.top_k!r}")
+        check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
+              f"must be a number in (0, 1], got {self.top_p!r}")
         check(isinstance(self.cfg_scale, (int, float)) and 0 <= self.cfg_scale <= 100, "cfg_scale",
               f"must be a number in [0, 100], got {self.cfg_scale!r}")
         check(self.remasking in REMASKING, "remasking",

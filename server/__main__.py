@@ -2,7 +2,8 @@
 and ``LLADA_SERVE_<FLAG>`` environment variables), and passed down as
 dataclasses.
 
-  llada-serve generate --model DIR --prompt TEXT [--chat] [--show-steps] ...
+  llada-serve [serve] [--model M] [--host H] [--port P] ...   the OpenAI server
+  llada-serve generate --model M --prompt TEXT [--chat] [--show-steps] ...
 """
 from __future__ import annotations
 
@@ -19,9 +20,18 @@ def _env_default(name: str, default):
     return os.environ.get("LLADA_SERVE_" + name.upper().replace("-", "_"), default)
 
 
+def bundled_model() -> str | None:
+    """The demo checkpoint shipped inside the package, if present."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent / "assets" / "llada-demo"
+    return str(path) if (path / "config.json").is_file() else None
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=_env_default("model", None), required=_env_default("model", None) is None,
-                   help="checkpoint directory or Hugging Face repo id")
+    default = _env_default("model", None) or bundled_model()
+    p.add_argument("--model", default=default, required=default is None,
+                   help="checkpoint directory or Hugging Face repo id (default: the bundled demo model)")
     p.add_argument("--dtype", default=_env_default("dtype", "auto"),
                    choices=["auto", "float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default=_env_default("device", "auto"), help="auto, cpu, cuda or cuda:N")
@@ -37,9 +47,34 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def add_serve_args(p: argparse.ArgumentParser) -> None:
+    def flag(name: str, type_, default, help_: str) -> None:
+        p.add_argument(f"--{name}", type=type_, default=type_(_env_default(name, default))
+                       if _env_default(name, default) is not None else None, help=help_)
+
+    flag("served-model-name", str, None, "model name in the API (default: --model)")
+    flag("host", str, "127.0.0.1", "address to listen on")
+    flag("port", int, 8000, "port to listen on")
+    flag("api-key", str, None, "require 'Authorization: Bearer KEY' on /v1/* and the tokenizer routes")
+    flag("max-num-seqs", int, 16, "requests in one forward pass")
+    flag("max-num-batched-tokens", int, 8192, "canvas tokens in one forward pass")
+    flag("max-queued-requests", int, 256, "waiting requests before answering 429")
+    flag("max-model-len", int, None, "longest prompt + max_tokens (default: the model's max_sequence_length)")
+    flag("default-max-tokens", int, 128, "canvas length when a request gives no max_tokens")
+    flag("default-steps", int, None, "denoising steps when a request gives none (default: max_tokens)")
+    flag("default-block-length", int, 32, "block length when a request gives none")
+    flag("max-body-bytes", int, 1 << 20, "largest request body accepted")
+    flag("drain-timeout", float, 30.0, "seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--log-level", default=_env_default("log-level", "info"),
+                   choices=["critical", "error", "warning", "info", "debug"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-serve", description="Serve masked diffusion language models (LLaDA).")
     sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
+    add_model_args(serve)
+    add_serve_args(serve)
     gen = sub.add_parser("generate", help="generate offline and print the completion")
     add_model_args(gen)
     add_decoding_args(gen)
@@ -96,10 +131,17 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv.insert(0, "serve")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "serve":
+        from server.api.launch import serve
+
+        return serve(args)
     parser.print_help()
     return 2
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from server.engine.scheduler import SchedulerConfig
 
-__all__ = ["ModelConfig", "SchedulerConfig"]
+__all__ = ["ModelConfig", "SchedulerConfig", "ServerConfig"]
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16", "float64")
 
@@ -25,3 +25,30 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    served_model_name: str | None = None  # None = the --model argument
+    api_key: str | None = None  # required as a Bearer token on /v1/* when set
+    max_queued_requests: int = 256  # waiting requests before 429
+    drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
+    max_body_bytes: int = 1 << 20  # larger request bodies get 413
+    default_max_tokens: int = 128  # canvas length when a request gives none
+    default_steps: int | None = None  # None = one token per step (steps = max_tokens)
+    default_block_length: int = 32
+    playground: bool = True  # the web page at /
+
+    def __post_init__(self) -> None:
+        checks = {
+            "port": 0 <= self.port < 65536, "max_queued_requests": self.max_queued_requests >= 1,
+            "drain_timeout": self.drain_timeout >= 0, "max_body_bytes": self.max_body_bytes >= 1024,
+            "default_max_tokens": self.default_max_tokens >= 1,
+            "default_steps": self.default_steps is None or self.default_steps >= 1,
+            "default_block_length": self.default_block_length >= 1,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")

@@ -50,3 +50,30 @@ def make_random_checkpoint(out: Path, seed: int = 0, num_shards: int = 1, dtype=
 @pytest.fixture
 def tiny_checkpoint(tmp_path) -> Path:
     return make_random_checkpoint(tmp_path / "tiny")
+
+
+SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>",
+                  "<|eot_id|>"]
+CHAT_TEMPLATE = ("<|startoftext|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                 "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
+                 "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
+
+def make_text_checkpoint(out: Path, seed: int = 0) -> Path:
+    """A tiny random LLaDA checkpoint with a real byte-level BPE tokenizer
+    (LLaDA's special tokens, a Llama-3-style chat template)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["in the beginning god created the heaven and the earth"] * 20, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   mask_token="<|mdm_mask|>", chat_template=CHAT_TEMPLATE)
+    fast.save_pretrained(str(out))
+    make_random_checkpoint(out, seed=seed, vocab_size=len(fast), mask_token_id=fast.convert_tokens_to_ids("<|mdm_mask|>"),
+                           eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id)
+    return out

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from sampler.params import DiffusionParams
 from server.config import ModelConfig
-from server.engine.messages import RequestOutput, RunnerOutput
+from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.runner import ModelRunner
 from server.engine.scheduler import Scheduler, SchedulerConfig
@@ -17,6 +18,13 @@ from server.models.loader import load_model, resolve_model_path
 from server.tokenizer import Tokenizer, stop_token_ids
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepStats:
+    num_seqs: int  # requests that took a step
+    num_committed: int  # tokens committed, all requests
+    admitted: list[str]  # req_ids admitted in this step
 
 
 class LLMEngine:
@@ -33,6 +41,7 @@ class LLMEngine:
         self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
         self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
         self.runner = ModelRunner(self.model, self.mask_id)
+        self.last_step = StepStats(0, 0, [])
 
     def check_prompt(self, prompt_ids: list[int], params: DiffusionParams) -> None:
         """Raises ValueError naming what is wrong with a request."""
@@ -47,9 +56,17 @@ class LLMEngine:
                 f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.gen_length}) = {total} "
                 f"exceeds the model's maximum length {self.max_model_len}")
 
-    def add_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> None:
+    def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
+        """A validated request, ready for ``add_request`` (raises ValueError)."""
         self.check_prompt(prompt_ids, params)
-        self.scheduler.add(Request(req_id, list(prompt_ids), params, self.mask_id, self.stop_ids))
+        req = Request(req_id, list(prompt_ids), params, self.mask_id, self.stop_ids)
+        self.scheduler.check_fits(req)
+        return req
+
+    def add_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
+        req = self.make_request(req_id, prompt_ids, params)
+        self.scheduler.add(req)
+        return req
 
     def abort_request(self, req_id: str) -> bool:
         return self.scheduler.abort(req_id) is not None
@@ -59,22 +76,22 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
+        failed: list[RequestOutput] = []
         try:
             result = self.runner.execute(sched)
         except Exception:
-            if len(sched.seqs) <= 1:
-                raise
             # Find the request that broke the batch: run each alone; those that
             # still fail are failed, the rest keep their step.
-            result, failed = RunnerOutput(), []
+            result = RunnerOutput()
             for seq in sched.seqs:
                 try:
-                    result.commits.update(self.runner.execute(type(sched)(seqs=[seq])).commits)
+                    result.commits.update(self.runner.execute(SchedulerOutput(seqs=[seq])).commits)
                 except Exception as e:
                     logger.exception("request %s failed in the model runner", seq.req_id)
                     failed.append(self._fail(seq.req_id, e))
-            return failed + self.scheduler.update(result)
-        return self.scheduler.update(result)
+        num_committed = sum(len(positions) for positions, _ in result.commits.values())
+        self.last_step = StepStats(len(sched.seqs), num_committed, sched.admitted)
+        return failed + self.scheduler.update(result)
 
     def _fail(self, req_id: str, error: Exception) -> RequestOutput:
         req = self.scheduler.abort(req_id, RequestStatus.FINISHED_ERROR, f"{type(error).__name__}: {error}")

@@ -14,6 +14,8 @@ class ScheduledSeq:
     rows: list[int]  # canvas positions that get logits: the current block's masked positions
     quota: int  # tokens to commit this step
     temperature: float
+    top_k: int  # <= 0 = no limit
+    top_p: float  # 1 = no limit
     seed: int  # Philox seed of this step's sampling noise
     random_seed: int  # Philox seed of this step's random-remasking scores
     remasking: str  # strategy name

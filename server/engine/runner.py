@@ -62,6 +62,8 @@ class ModelRunner:
             random_seeds=[s.random_seed for s in seqs],
             remasking=[s.remasking for s in seqs],
             device=dev,
+            top_ks=[s.top_k for s in seqs],
+            top_ps=[s.top_p for s in seqs],
         )
         x0, commit = denoise_step(logits, rows)
         x0, commit = x0.tolist(), commit.tolist()

@@ -36,11 +36,15 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
 
+    def check_fits(self, req: Request) -> None:
+        """A request whose canvas exceeds the per-step budget could never be admitted."""
+        limit = self.config.max_num_batched_tokens
+        if req.num_tokens > limit:
+            raise ValueError(f"max_tokens: the canvas ({req.num_tokens} tokens, guidance counted twice) "
+                             f"exceeds max_num_batched_tokens {limit}")
+
     def add(self, req: Request) -> None:
-        if req.num_tokens > self.config.max_num_batched_tokens:
-            raise ValueError(
-                f"request {req.req_id}: canvas of {req.num_tokens} tokens exceeds "
-                f"max_num_batched_tokens {self.config.max_num_batched_tokens}")
+        self.check_fits(req)
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
@@ -78,6 +82,7 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(
                 req_id=req.req_id, canvas=req.canvas, prompt_len=req.prompt_len,
                 rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
+                top_k=p.top_k, top_p=p.top_p,
                 seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
             ))
         return out

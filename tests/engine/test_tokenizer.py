@@ -9,33 +9,13 @@ import pytest
 from sampler.params import DiffusionParams
 from server.engine.llm import LLM
 from server.tokenizer import Tokenizer
-from tests.conftest import make_random_checkpoint
-
-SPECIALS = ["<|startoftext|>", "<|endoftext|>", "<|mdm_mask|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
-TEMPLATE = ("<|startoftext|>{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-            "{{ m['content'] }}<|eot_id|>{% endfor %}{% if add_generation_prompt %}"
-            "<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
-
+from tests.conftest import make_text_checkpoint
 
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory):
-    from tokenizers import Tokenizer as HFTok, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    out = tmp_path_factory.mktemp("text-ckpt")
-    tok = HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(["in the beginning god created the heaven and the earth"] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                                   mask_token="<|mdm_mask|>", chat_template=TEMPLATE)
-    fast.save_pretrained(str(out))
-    vocab = len(fast)
-    make_random_checkpoint(out, vocab_size=vocab, mask_token_id=fast.convert_tokens_to_ids("<|mdm_mask|>"),
-                           eos_token_id=fast.eos_token_id, pad_token_id=fast.eos_token_id)
-    return out, fast
+    out = make_text_checkpoint(tmp_path_factory.mktemp("text-ckpt"))
+    from transformers import AutoTokenizer
+    return out, AutoTokenizer.from_pretrained(str(out))
 
 
 def test_stop_ids_come_from_the_model_files(text_checkpoint):

@@ -1,0 +1,213 @@
+"""The FastAPI application: routes, authentication, limits and the error
+envelope. Never imports torch: the engine arrives as an object.
+
+Every error is ``{"error": {"message", "type", "param", "code"}}``: invalid
+fields 400 (FastAPI's 422 replaced) naming ``param``, unknown model 404, bad
+or missing key 401, oversized body 413, full queue 429 with ``Retry-After``,
+loading/draining/dead engine 503.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__
+from server.api.errors import APIError, error_response
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.api.serving import OpenAIServing
+
+logger = logging.getLogger(__name__)
+
+
+class ServerState:
+    """What the routes share: the engine, config, metrics, and drain state."""
+
+    def __init__(self, engine, config, model_name: str):
+        self.engine = engine  # AsyncEngine
+        self.config = config  # ServerConfig
+        self.model_name = model_name
+        self.draining = False
+        self.in_flight = 0  # generation requests being answered
+        self.serving = OpenAIServing(engine, config, model_name)
+
+
+class BodyLimit:
+    """Pure ASGI middleware: refuses request bodies over ``max_bytes`` (413),
+    by Content-Length up front and by counting chunked bodies."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error",
+                                 None, "body_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_big(scope, receive, send)
+        seen = 0
+
+        async def limited_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error",
+                                   None, "body_too_large")
+            return message
+
+        return await self.app(scope, limited_receive, send)
+
+
+def build_app(state: ServerState, metrics) -> FastAPI:
+    app = FastAPI(title="llada-serve", version=__version__,
+                  description="OpenAI-compatible server for masked diffusion language models (LLaDA).")
+    app.state.server = state
+    cfg = state.config
+
+    # -- errors ----------------------------------------------------------------------------
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, e: RequestValidationError):
+        err = e.errors()[0]
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return APIError.bad_request(f"invalid JSON body: {err.get('msg')}", "body").response()
+        param = ".".join(loc[:1] + [f"[{x}]" if x.isdigit() else x for x in loc[1:]]).replace(".[", "[") or None
+        msg = err.get("msg", "invalid value")
+        return APIError.bad_request(f"{param}: {msg}" if param else msg, param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return error_response(e.status_code, str(e.detail), kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        logger.exception("unhandled error")
+        return error_response(500, f"internal error: {type(e).__name__}", "server_error", None, "internal_error")
+
+    # -- request id ------------------------------------------------------------------------
+    @app.middleware("http")
+    async def _request_id(request: Request, call_next):
+        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
+        response = await call_next(request)
+        response.headers["X-Request-Id"] = rid
+        return response
+
+    # -- auth and availability ------------------------------------------------------------------
+    async def check_key(request: Request) -> None:
+        if cfg.api_key is None:
+            return
+        auth = request.headers.get("authorization", "")
+        token = auth[7:] if auth[:7].lower() == "bearer " else ""
+        if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+            raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           "authentication_error", None, "invalid_api_key")
+
+    def check_available() -> None:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", "server_error", None, "draining",
+                           {"Retry-After": "5"})
+        if state.engine.is_dead:
+            raise APIError(503, "the engine has died; the server is restarting", "server_error", None, "unavailable")
+        if not state.engine.is_ready:
+            raise APIError(503, "the model is still loading", "server_error", None, "loading", {"Retry-After": "5"})
+
+    async def generation(kind: str, body, request: Request):
+        check_available()
+        state.in_flight += 1
+        try:
+            result = await state.serving.run(kind, body, request)
+        except BaseException:
+            state.in_flight -= 1
+            raise
+        if isinstance(result, dict):
+            state.in_flight -= 1
+            return JSONResponse(result)
+
+        async def tracked():
+            try:
+                async for event in result:
+                    yield event
+            finally:
+                state.in_flight -= 1
+
+        return StreamingResponse(tracked(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    auth = [Depends(check_key)]
+
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest, request: Request):
+        if body.model_extra:
+            logger.debug("ignoring unknown fields %s", sorted(body.model_extra))
+        return await generation("completion", body, request)
+
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        if body.model_extra:
+            logger.debug("ignoring unknown fields %s", sorted(body.model_extra))
+        return await generation("chat", body, request)
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models():
+        engine = state.engine.engine
+        card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
+                "root": state.model_name, "max_model_len": engine.max_model_len if engine else None}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest):
+        check_available()
+        serving = state.serving
+        if body.model is not None and body.model != state.model_name:
+            raise APIError(404, f"The model `{body.model}` does not exist.", "not_found_error", "model",
+                           "model_not_found")
+        if body.messages is not None:
+            ids = serving.chat_prompt(ChatCompletionRequest(messages=body.messages))
+        else:
+            ids = serving.tokenizer.encode(body.prompt)
+        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest):
+        check_available()
+        vocab = state.engine.engine.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError.bad_request(f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
+        return {"prompt": state.serving.tokenizer.decode(body.tokens)}
+
+    @app.get("/health")
+    async def health():
+        if state.draining or state.engine.is_dead or not state.engine.is_ready:
+            why = "draining" if state.draining else ("dead" if state.engine.is_dead else "loading")
+            return JSONResponse({"status": why}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/live")
+    async def live():
+        return {"status": "alive"}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return BodyLimit(app, cfg.max_body_bytes)

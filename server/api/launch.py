@@ -1,0 +1,92 @@
+"""Starting the server: configs from the parsed CLI, the engine thread, the
+app under uvicorn, and graceful draining.
+
+SIGTERM/SIGINT drain: /health turns 503 and new generation requests get 503
+while in-flight ones run to completion (up to ``drain_timeout``); then the
+process exits 0. A second signal exits at once. If the engine loop dies, the
+process exits 1 so an orchestrator restarts it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+
+import uvicorn
+
+from server.api.app import ServerState, build_app
+from server.config import ModelConfig, SchedulerConfig, ServerConfig
+from server.metrics import Metrics
+
+logger = logging.getLogger("llada_serve")
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, state: ServerState):
+        super().__init__(config)
+        self.state = state
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig, frame) -> None:
+        if self.state.draining or self._loop is None:
+            return super().handle_exit(sig, frame)
+        self.state.draining = True
+        logger.info("draining: %d in-flight requests, up to %.0fs", self.state.in_flight, self.state.config.drain_timeout)
+        self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
+
+    async def _drain(self) -> None:
+        deadline = time.monotonic() + self.state.config.drain_timeout
+        while self.state.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.state.in_flight:
+            logger.warning("drain timeout: %d requests still in flight", self.state.in_flight)
+        self.should_exit = True
+
+
+def serve(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from server.engine.async_engine import AsyncEngine
+
+    try:
+        model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                                   max_model_len=args.max_model_len)
+        scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                           max_num_batched_tokens=args.max_num_batched_tokens)
+        server_config = ServerConfig(
+            host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+            max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
+            max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+            default_steps=args.default_steps, default_block_length=args.default_block_length)
+    except ValueError as e:
+        print(f"llada-serve: error: {e}", file=sys.stderr)
+        return 2
+    model_name = server_config.served_model_name or args.model
+    metrics = Metrics(model_name)
+    server_box: list[DrainingServer] = []
+
+    def on_fatal(error: BaseException) -> None:
+        logger.error("engine failed (%s): exiting", error)
+        if server_box:
+            server_box[0].should_exit = True
+
+    def make_engine():
+        from server.engine.engine import LLMEngine
+
+        return LLMEngine(model_config, scheduler_config)
+
+    engine = AsyncEngine(make_engine, metrics, server_config.max_queued_requests, on_fatal).start()
+    state = ServerState(engine, server_config, model_name)
+    app = build_app(state, metrics)
+    uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+                               log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = DrainingServer(uv_config, state)
+    server_box.append(server)
+    logger.info("serving %s on http://%s:%d", model_name, server_config.host, server_config.port)
+    server.run()
+    engine.shutdown()
+    return 1 if engine.is_dead else 0

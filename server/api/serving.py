@@ -1,0 +1,298 @@
+"""Completions and chat completions: from an OpenAI request to engine
+requests and back, non-streamed or as server-sent events.
+
+A token is streamed once it is *final*: committed, with every position
+before it committed. Text is decoded incrementally from the final prefix,
+holding back an incomplete UTF-8 character and anything that could still
+turn into a stop string. A stop string inside the final text ends the
+choice there (the engine request is aborted: nothing after it can matter).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from sampler.params import DiffusionParams
+from server.api.errors import APIError
+from server.api.protocol import ChatCompletionRequest, CompletionRequest, DiffusionFields
+from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
+
+logger = logging.getLogger("llada_serve.requests")
+
+
+@dataclass
+class Choice:
+    """One engine request's answer as it grows."""
+
+    index: int
+    prompt_len: int
+    stops: list[str]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # final text so far (stop string excluded once found)
+    sent: int = 0  # characters of ``text`` already streamed
+    finish_reason: str | None = None
+    num_steps: int = 0
+
+    def update(self, token_ids: list[int], decode) -> None:
+        self.token_ids = token_ids
+        text = decode(token_ids)
+        for s in self.stops:
+            cut = text.find(s)
+            if cut >= 0:
+                text, self.finish_reason = text[:cut], "stop"
+        self.text = text
+
+    def ready_delta(self, final: bool) -> str:
+        """New text that can be streamed now."""
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
+                end = len(self.text.rstrip("\ufffd"))
+            if self.stops:  # might still become a stop string
+                end = min(end, len(self.text) - max(len(s) for s in self.stops) + 1)
+        delta = self.text[self.sent:max(end, self.sent)]
+        self.sent += len(delta)
+        return delta
+
+    def completion_tokens(self, decode) -> int:
+        """Tokens returned: all of them, or those that make up the text
+        before a stop string."""
+        if self.finish_reason != "stop" or not self.stops:
+            return len(self.token_ids)
+        for k in range(len(self.token_ids) + 1):
+            if len(decode(self.token_ids[:k])) >= len(self.text):
+                return k
+        return len(self.token_ids)
+
+
+class OpenAIServing:
+    def __init__(self, engine, config, model_name: str):
+        self.engine = engine  # server.engine.async_engine.AsyncEngine
+        self.config = config  # server.config.ServerConfig
+        self.model_name = model_name
+
+    @property
+    def tokenizer(self):
+        tok = self.engine.engine.tokenizer
+        if tok is None:
+            raise APIError.bad_request("this model has no tokenizer: send prompts as token ids", "prompt")
+        return tok
+
+    # -- requests -> engine ---------------------------------------------------------------
+    def check_common(self, req: DiffusionFields) -> None:
+        if req.model is not None and req.model != self.model_name:
+            raise APIError(404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found")
+        bad = req.unsupported()
+        if bad:
+            raise APIError.bad_request(f"{bad}: not supported by this server", bad)
+
+    def params(self, req: DiffusionFields, max_tokens: int | None, choice: int) -> DiffusionParams:
+        cfg = self.config
+        gen_length = max_tokens if max_tokens is not None else cfg.default_max_tokens
+        steps = req.steps if req.steps is not None else cfg.default_steps
+        if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
+            steps = max(steps, -(-gen_length // (req.block_length or cfg.default_block_length)))
+        name = "max_tokens" if isinstance(req, CompletionRequest) or req.max_completion_tokens is None \
+            else "max_completion_tokens"
+        if not isinstance(gen_length, int) or gen_length < 1:
+            raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)
+        try:
+            return DiffusionParams(
+                gen_length=gen_length, steps=steps,
+                block_length=req.block_length if req.block_length is not None else cfg.default_block_length,
+                temperature=req.temperature if req.temperature is not None else 0.0,
+                top_k=req.top_k or 0, top_p=req.top_p if req.top_p is not None else 1.0,
+                cfg_scale=req.cfg_scale or 0.0, remasking=req.remasking or "low_confidence",
+                seed=None if req.seed is None else (req.seed + choice) % 2**63,
+            )
+        except ValueError as e:
+            msg = str(e).replace("gen_length:", f"{name}:", 1)
+            raise APIError.bad_request(msg) from None
+
+    def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
+        p = req.prompt
+        if isinstance(p, str):
+            return [self.tokenizer.encode(p)]
+        if not p:
+            raise APIError.bad_request("prompt: must not be empty", "prompt")
+        if isinstance(p[0], int):
+            return [list(p)]
+        if isinstance(p[0], str):
+            return [self.tokenizer.encode(s) for s in p]
+        if any(not ids for ids in p):
+            raise APIError.bad_request("prompt: a token-id prompt must not be empty", "prompt")
+        return [list(ids) for ids in p]
+
+    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except APIError:
+            raise
+        except Exception as e:  # template errors (e.g. roles the template refuses)
+            raise APIError.bad_request(f"messages: {e}", "messages") from None
+
+    async def run(self, kind: str, req: CompletionRequest | ChatCompletionRequest, raw_request) -> Any:
+        """Validates, queues every choice, and answers (JSON or SSE)."""
+        self.check_common(req)
+        if kind == "chat":
+            prompts, max_tokens = [self.chat_prompt(req)], req.max_completion_tokens or req.max_tokens
+        else:
+            prompts, max_tokens = self.completion_prompts(req), req.max_tokens
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        resp_id = prefix + uuid.uuid4().hex
+        engine_reqs, choices = [], []
+        for p_idx, prompt in enumerate(prompts):
+            for i in range(req.n):
+                index = p_idx * req.n + i
+                params = self.params(req, max_tokens, index)
+                try:
+                    engine_reqs.append(self.engine.make_request(f"{resp_id}-{index}", prompt, params))
+                except ValueError as e:
+                    raise APIError.bad_request(str(e)) from None
+                choices.append(Choice(index, len(prompt), req.stop_list()))
+        if self.engine.num_waiting + len(engine_reqs) > self.engine.max_queued_requests:
+            raise APIError(429, "the server is at capacity: too many queued requests, retry later",
+                           "rate_limit_error", None, "queue_full", {"Retry-After": "1"})
+        started = time.monotonic()
+        streams = [self.engine.generate(r) for r in engine_reqs]
+        if req.stream:
+            return self.sse(kind, resp_id, req, choices, streams, started)
+        await self.collect(choices, streams, raw_request)
+        return self.final_body(kind, resp_id, req, choices, started)
+
+    # -- consuming engine outputs --------------------------------------------------------
+    async def _consume(self, choice: Choice, stream: AsyncIterator, on_update=None) -> None:
+        decode = self.tokenizer_decode
+        try:
+            async for out in stream:
+                choice.num_steps += 1
+                if out.finished and out.finish_reason == "error":
+                    raise APIError(500, f"the request failed: {out.error}", "server_error", None, "internal_error")
+                choice.update(out.token_ids, decode)
+                if out.finished and choice.finish_reason is None:
+                    choice.finish_reason = out.finish_reason
+                done = choice.finish_reason is not None
+                if on_update is not None:
+                    await on_update(choice, done)
+                if done:
+                    break
+        except QueueFullError:
+            raise APIError(429, "the server is at capacity: too many queued requests, retry later",
+                           "rate_limit_error", None, "queue_full", {"Retry-After": "1"}) from None
+        except (EngineDeadError, EngineNotReadyError) as e:
+            raise APIError(503, str(e), "server_error", None, "unavailable") from None
+        finally:
+            await stream.aclose()
+
+    def tokenizer_decode(self, ids: list[int]) -> str:
+        tok = self.engine.engine.tokenizer
+        return tok.decode(ids) if tok is not None else ""
+
+    async def collect(self, choices: list[Choice], streams: list, raw_request) -> None:
+        tasks = [asyncio.ensure_future(self._consume(c, s)) for c, s in zip(choices, streams)]
+        watcher = asyncio.ensure_future(self._watch_disconnect(raw_request, tasks))
+        try:
+            await asyncio.gather(*tasks)
+        except asyncio.CancelledError:
+            raise APIError(499, "client disconnected", "invalid_request_error") from None
+        finally:
+            watcher.cancel()
+            for t in tasks:
+                t.cancel()
+
+    @staticmethod
+    async def _watch_disconnect(raw_request, tasks) -> None:
+        while True:
+            await asyncio.sleep(0.25)
+            if await raw_request.is_disconnected():
+                for t in tasks:
+                    t.cancel()
+                return
+
+    # -- responses -----------------------------------------------------------------------
+    def final_body(self, kind: str, resp_id: str, req, choices: list[Choice], started: float) -> dict:
+        usage = self._usage_for(req, choices)
+        self._log(resp_id, choices, usage, started)
+        if kind == "chat":
+            out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
+                    "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+            obj = "chat.completion"
+        else:
+            out = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                   for c in choices]
+            obj = "text_completion"
+        return {"id": resp_id, "object": obj, "created": int(time.time()), "model": self.model_name,
+                "choices": out, "usage": usage}
+
+    def _usage_for(self, req, choices: list[Choice]) -> dict[str, int]:
+        prompt = sum(c.prompt_len for c in choices if c.index % req.n == 0)
+        completion = sum(c.completion_tokens(self.tokenizer_decode) for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _log(self, resp_id: str, choices: list[Choice], usage: dict, started: float) -> None:
+        logger.info(json.dumps({
+            "id": resp_id, "prompt_tokens": usage["prompt_tokens"], "completion_tokens": usage["completion_tokens"],
+            "steps": sum(c.num_steps for c in choices), "latency_s": round(time.monotonic() - started, 4),
+            "finish_reason": [c.finish_reason for c in choices]}))
+
+    async def sse(self, kind: str, resp_id: str, req, choices: list[Choice], streams: list,
+                  started: float) -> AsyncIterator[str]:
+        created = int(time.time())
+        obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
+            body = {"id": resp_id, "object": obj, "created": created, "model": self.model_name,
+                    "choices": choice_list}
+            if usage is not None:
+                body["usage"] = usage
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        def piece(c: Choice, text: str | None, finish: str | None, role: bool = False) -> dict:
+            if kind == "chat":
+                delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+                return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": c.index, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        async def on_update(c: Choice, done: bool) -> None:
+            text = c.ready_delta(final=done)
+            if text or done:
+                await queue.put(chunk([piece(c, text, c.finish_reason if done else None)]))
+
+        async def run_all() -> None:
+            try:
+                await asyncio.gather(*(self._consume(c, s, on_update) for c, s in zip(choices, streams)))
+                await queue.put(None)
+            except APIError as e:
+                await queue.put(e)
+            except Exception as e:  # noqa: BLE001 - reported to the client, then logged
+                logger.exception("stream %s failed", resp_id)
+                await queue.put(APIError(500, f"internal error: {type(e).__name__}", "server_error"))
+
+        if kind == "chat":
+            for c in choices:
+                yield chunk([piece(c, None, None, role=True)])
+        task = asyncio.ensure_future(run_all())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    break
+                if isinstance(item, APIError):
+                    yield f"data: {json.dumps(item.body())}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                yield item
+            usage = self._usage_for(req, choices)
+            self._log(resp_id, choices, usage, started)
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield chunk([], usage)
+            yield "data: [DONE]\n\n"
+        finally:
+            task.cancel()

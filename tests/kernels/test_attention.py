@@ -1,0 +1,139 @@
+"""The fused attention kernel against ``reference.varlen_attention``: ragged
+batches, GQA, paged prefixes, key splits, every supported head_dim."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels import attention, ops, reference  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol
+
+
+def make_batch(device, dtype, q_lens, k_lens=None, cache_lens=None, num_heads=2, num_kv_heads=2,
+               head_dim=16, page_size=16, seed=0) -> tuple[tuple, dict]:
+    """Random (q, k, v, cu_seqlens_q, cu_seqlens_k) and, with cache_lens, a
+    shuffled page pool with its block table."""
+    gen = torch.Generator().manual_seed(seed)
+    k_lens = q_lens if k_lens is None else k_lens
+    cu_q, cu_k = [0], [0]
+    for nq, nk in zip(q_lens, k_lens):
+        cu_q.append(cu_q[-1] + nq)
+        cu_k.append(cu_k[-1] + nk)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q = randn(cu_q[-1], num_heads, head_dim)  # (num_q_tokens, num_heads, head_dim)
+    k = randn(cu_k[-1], num_kv_heads, head_dim)  # (num_k_tokens, num_kv_heads, head_dim)
+    v = randn(cu_k[-1], num_kv_heads, head_dim)
+    cache = {}
+    if cache_lens is not None:
+        max_pages = max(-(-n // page_size) for n in cache_lens) + 1
+        num_pages = len(q_lens) * max_pages + 2
+        order = torch.randperm(num_pages, generator=gen)[: len(q_lens) * max_pages]
+        cache = dict(
+            k_cache=randn(num_pages, page_size, num_kv_heads, head_dim),
+            v_cache=randn(num_pages, page_size, num_kv_heads, head_dim),
+            block_table=order.view(len(q_lens), max_pages).to(device=device, dtype=torch.int32),
+            cache_seqlens=list(cache_lens),
+        )
+    return (q, k, v, cu_q, cu_k), cache
+
+
+def assert_matches_twin(args, cache, **launch):
+    out = attention.varlen_attention(*args, **cache, **launch)
+    want = reference.varlen_attention(*args, **cache)
+    assert out.dtype == want.dtype and out.shape == want.shape
+    tol = TOLERANCE[out.dtype]
+    torch.testing.assert_close(out.float(), want.float(), atol=tol, rtol=tol)
+
+
+CASES = {  # name -> make_batch arguments and launch overrides
+    "one_token": dict(q_lens=[1]),
+    "non_power_of_two": dict(q_lens=[37], head_dim=32, launch=dict(block_m=16, block_n=16)),
+    "shorter_than_tile": dict(q_lens=[5], launch=dict(block_m=32, block_n=32)),
+    "ragged": dict(q_lens=[1, 50, 0, 7, 19], k_lens=[1, 50, 3, 7, 19], num_heads=4, num_kv_heads=1,
+                   launch=dict(block_m=16, block_n=16)),
+    "gqa_head_dim_64": dict(q_lens=[9, 17], num_heads=8, num_kv_heads=2, head_dim=64),
+    "keys_differ_from_queries": dict(q_lens=[3, 8], k_lens=[20, 1], launch=dict(block_n=16)),
+    "paged_prefix": dict(q_lens=[4, 32, 1], cache_lens=[40, 0, 100], num_heads=4, num_kv_heads=2,
+                         head_dim=64, launch=dict(block_m=16)),
+    "paged_prefix_split": dict(q_lens=[4, 32, 1], cache_lens=[40, 0, 100], num_heads=4, num_kv_heads=2,
+                               launch=dict(block_m=16, block_n=16, num_splits=3)),
+    "page_64": dict(q_lens=[3, 6], cache_lens=[130, 5], page_size=64, launch=dict(num_splits=2)),
+    "head_dim_128": dict(q_lens=[3], cache_lens=[20], num_heads=2, num_kv_heads=1, head_dim=128),
+    "head_dim_256": dict(q_lens=[2], num_heads=1, num_kv_heads=1, head_dim=256),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_twin(case, dtype, device):
+    spec = dict(CASES[case])
+    launch = spec.pop("launch", {})
+    args, cache = make_batch(device, dtype, **spec)
+    assert_matches_twin(args, cache, **launch)
+
+
+def test_scale_and_strided_inputs(device):
+    """q, k, v as head-strided views of one fused projection, a custom scale."""
+    qkv = torch.randn(11, 3 * 2, 16, device=device)  # (num_tokens, 3 * num_heads, head_dim)
+    q, k, v = qkv[:, :2], qkv[:, 2:4], qkv[:, 4:]
+    out = attention.varlen_attention(q, k, v, torch.tensor([0, 4, 11]), [0, 4, 11], scale=0.3)
+    want = reference.varlen_attention(q, k, v, [0, 4, 11], [0, 4, 11], scale=0.3)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+def test_launcher_rejects_bad_inputs(device):
+    (q, k, v, cu_q, cu_k), cache = make_batch(device, torch.float32, [3, 4], cache_lens=[5, 0])
+    with pytest.raises(ValueError, match="k must be"):
+        attention.varlen_attention(q, k.half(), v, cu_q, cu_k)
+    with pytest.raises(ValueError, match="head count"):
+        attention.varlen_attention(q, k[:, :1].expand(-1, 3, -1).contiguous(),
+                                   v[:, :1].expand(-1, 3, -1).contiguous(), cu_q, cu_k)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        attention.varlen_attention(q, k, v, cu_q[:-1], cu_k)
+    with pytest.raises(ValueError, match="block_table"):
+        attention.varlen_attention(q, k, v, cu_q, cu_k, **{**cache, "block_table": cache["block_table"].long()})
+    with pytest.raises(ValueError, match="head_dim"):
+        attention.varlen_attention(q[..., :12], k[..., :12], v[..., :12], cu_q, cu_k)
+
+
+def test_dispatch(device, monkeypatch):
+    args, _ = make_batch(device, torch.float32, [3, 5])
+    q = args[0]
+    ops.set_backend("auto")
+    assert ops._use_triton(q) == (q.is_cuda and ops.triton_available())
+    assert not ops._use_triton(q.double())  # float64 is for the twin
+    ops.set_backend("torch")
+    assert not ops._use_triton(q)
+    try:
+        ops.set_backend("triton")
+        assert ops._use_triton(q)
+        torch.testing.assert_close(ops.varlen_attention(*args), reference.varlen_attention(*args),
+                                   atol=2e-5, rtol=2e-5)
+        monkeypatch.setattr(ops, "triton_available", lambda: False)
+        with pytest.raises(ModuleNotFoundError, match="triton"):
+            ops.varlen_attention(*args)
+    finally:
+        ops.set_backend("auto")
+    with pytest.raises(ValueError, match="backend"):
+        ops.set_backend("cuda")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("spec", [
+    dict(q_lens=[32] * 4, cache_lens=[1000, 17, 4096, 0], num_heads=32, num_kv_heads=32, head_dim=128,
+         page_size=64),  # LLaDA-8B blocks over a paged prefix (key splits chosen for the GPU)
+    dict(q_lens=[300, 1, 77], num_heads=32, num_kv_heads=8, head_dim=128),  # whole canvases, GQA
+    dict(q_lens=[513], num_heads=4, num_kv_heads=4, head_dim=64, cache_lens=[100], page_size=32),
+], ids=["blocks_over_prefix", "canvas_gqa", "head_dim_64"])
+def test_large_shapes_on_gpu(spec, dtype, device):
+    args, cache = make_batch(device, dtype, **spec)
+    assert_matches_twin(args, cache)
