@@ -24,8 +24,16 @@ class Tokenizer:
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):
             return None
         from transformers import AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
-        return cls(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
+        # transformers does not know model_type "llada" and warns while
+        # probing config.json; the tokenizer files themselves are all it needs.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return cls(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
+        finally:
+            hf_logging.set_verbosity(verbosity)
 
     @property
     def vocab_size(self) -> int:

@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The test models are tiny: one intra-op thread is fastest for them and keeps
+# OpenMP from spinning against the server threads and subprocesses on 2 cores.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = REPO.parent / "shared" / "golden" / "llada-tiny"
 

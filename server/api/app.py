@@ -9,6 +9,7 @@ loading/draining/dead engine 503.
 from __future__ import annotations
 
 import hmac
+import re
 import logging
 import time
 import uuid
@@ -24,6 +25,27 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest, Detoke
 from server.api.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
+
+
+_FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+_SCALAR_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _param_of(loc: tuple) -> str | None:
+    """A validation error's location as an OpenAI ``param``
+    (``messages[0].content``), cut before pydantic's union-member tags
+    (``str``, ``list[int]``, ``TextPart``, ...)."""
+    parts: list[str] = []
+    for x in loc:
+        if isinstance(x, int):
+            parts.append(f"[{x}]")
+        elif x == "body" and not parts:
+            continue
+        elif _FIELD_NAME.match(x) and x not in _SCALAR_TAGS:
+            parts.append(("." if parts else "") + x)
+        else:
+            break
+    return "".join(parts) or None
 
 
 class ServerState:
@@ -82,10 +104,9 @@ def build_app(state: ServerState, metrics) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
         err = e.errors()[0]
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         if err.get("type") == "json_invalid":
             return APIError.bad_request(f"invalid JSON body: {err.get('msg')}", "body").response()
-        param = ".".join(loc[:1] + [f"[{x}]" if x.isdigit() else x for x in loc[1:]]).replace(".[", "[") or None
+        param = _param_of(err.get("loc", ()))
         msg = err.get("msg", "invalid value")
         return APIError.bad_request(f"{param}: {msg}" if param else msg, param).response()
 

@@ -1,0 +1,122 @@
+"""Bad input gets the right status and the OpenAI error envelope, and the
+server keeps serving."""
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from server.config import ServerConfig
+from tests.api.conftest import MODEL_NAME, start_server
+
+OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "block_length": 4}
+OK_COMP = {"prompt": "in the", "max_tokens": 4, "block_length": 4}
+
+# (name, route, body or raw bytes, status, param)
+CASES = [
+    ("max_tokens wrong type", "completions", {**OK_COMP, "max_tokens": "ten"}, 400, "max_tokens"),
+    ("max_tokens negative", "completions", {**OK_COMP, "max_tokens": -5}, 400, "max_tokens"),
+    ("max_tokens zero", "chat", {**OK_CHAT, "max_tokens": 0}, 400, "max_tokens"),
+    ("max_tokens huge", "completions", {**OK_COMP, "max_tokens": 10**6}, 400, "max_tokens"),
+    ("max_completion_tokens bad", "chat", {**OK_CHAT, "max_completion_tokens": -1}, 400, "max_completion_tokens"),
+    ("max_tokens bool", "completions", {**OK_COMP, "max_tokens": True}, 400, "max_tokens"),
+    ("no prompt", "completions", {"max_tokens": 4}, 400, "prompt"),
+    ("empty prompt list", "completions", {**OK_COMP, "prompt": []}, 400, "prompt"),
+    ("empty token-id prompt", "completions", {**OK_COMP, "prompt": [[1, 2], []]}, 400, "prompt"),
+    ("prompt token out of vocab", "completions", {**OK_COMP, "prompt": [1, 10**7]}, 400, "prompt"),
+    ("prompt wrong type", "completions", {**OK_COMP, "prompt": {"a": 1}}, 400, "prompt"),
+    ("empty messages", "chat", {**OK_CHAT, "messages": []}, 400, "messages"),
+    ("unknown role", "chat", {**OK_CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("content wrong type", "chat", {**OK_CHAT, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
+    ("messages not a list", "chat", {**OK_CHAT, "messages": "hi"}, 400, "messages"),
+    ("unknown remasking", "chat", {**OK_CHAT, "remasking": "lowest"}, 400, "remasking"),
+    ("steps zero", "chat", {**OK_CHAT, "steps": 0}, 400, "steps"),
+    ("steps fewer than blocks", "completions", {**OK_COMP, "max_tokens": 16, "block_length": 2, "steps": 3}, 400, "steps"),
+    ("block_length zero", "completions", {**OK_COMP, "block_length": 0}, 400, "block_length"),
+    ("negative temperature", "chat", {**OK_CHAT, "temperature": -1}, 400, "temperature"),
+    ("top_p zero", "chat", {**OK_CHAT, "top_p": 0}, 400, "top_p"),
+    ("top_k below -1", "chat", {**OK_CHAT, "top_k": -2}, 400, "top_k"),
+    ("negative cfg_scale", "chat", {**OK_CHAT, "cfg_scale": -0.5}, 400, "cfg_scale"),
+    ("n zero", "chat", {**OK_CHAT, "n": 0}, 400, "n"),
+    ("n too many", "completions", {**OK_COMP, "n": 100}, 400, "n"),
+    ("stop too many", "chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
+    ("stream not bool", "chat", {**OK_CHAT, "stream": "yes"}, 400, "stream"),
+    ("seed not int", "chat", {**OK_CHAT, "seed": "abc"}, 400, "seed"),
+    ("logprobs unsupported", "completions", {**OK_COMP, "logprobs": 3}, 400, "logprobs"),
+    ("echo unsupported", "completions", {**OK_COMP, "echo": True}, 400, "echo"),
+    ("tools unsupported", "chat", {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
+    ("unknown model", "chat", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
+    ("invalid json", "chat", b'{"messages": [', 400, "body"),
+    ("json not an object", "chat", b'[1, 2, 3]', 400, None),
+    ("oversized body", "completions", {**OK_COMP, "prompt": "x" * (2 << 20)}, 413, None),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_request(live, case):
+    _, route, body, status, param = case
+    url = live.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+    if isinstance(body, bytes):
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(url, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+def test_still_serving_after_bad_requests(live):
+    for _, route, body, _, _ in CASES[:5]:
+        httpx.post(live.url + "/v1/completions", json=body)
+    r = httpx.post(live.url + "/v1/chat/completions", json=OK_CHAT)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_unknown_fields_are_ignored(live):
+    r = httpx.post(live.url + "/v1/chat/completions", json={**OK_CHAT, "frobnicate": 3, "user": "u1"})
+    assert r.status_code == 200
+
+
+def test_unknown_route_and_method(live):
+    r = httpx.get(live.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+    r = httpx.get(live.url + "/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_request_id_is_echoed(live):
+    r = httpx.get(live.url + "/health", headers={"X-Request-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert httpx.get(live.url + "/live").headers["x-request-id"]
+
+
+def test_operational_routes(live):
+    assert httpx.get(live.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(live.url + "/live").status_code == 200
+    from server import __version__
+    assert httpx.get(live.url + "/version").json() == {"version": __version__}
+    tok = httpx.post(live.url + "/tokenize", json={"prompt": "in the beginning"}).json()
+    assert tok["count"] == len(tok["tokens"]) > 0
+    back = httpx.post(live.url + "/detokenize", json={"tokens": tok["tokens"]}).json()
+    assert back["prompt"] == "in the beginning"
+    chat = httpx.post(live.url + "/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["count"] > tok["count"] - 3
+    r = httpx.post(live.url + "/detokenize", json={"tokens": [10**8]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert httpx.post(live.url + "/tokenize", json={}).status_code == 400
+
+
+def test_api_key(text_ckpt):
+    srv = start_server(text_ckpt, ServerConfig(api_key="s3cret"))
+    try:
+        url = srv.url + "/v1/chat/completions"
+        assert httpx.post(url, json=OK_CHAT).status_code == 401
+        r = httpx.post(url, json=OK_CHAT, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert httpx.post(url, json=OK_CHAT, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        assert httpx.get(srv.url + "/v1/models").status_code == 401
+        for open_route in ("/health", "/live", "/metrics"):
+            assert httpx.get(srv.url + open_route).status_code == 200
+    finally:
+        srv.stop()

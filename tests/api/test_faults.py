@@ -1,0 +1,146 @@
+"""Faults: disconnects free their slot, overload answers 429 and nothing
+hangs, one failing request fails alone, a dead engine turns /health 503,
+SIGTERM drains in-flight requests and exits 0."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from server.config import SchedulerConfig, ServerConfig
+from tests.api.conftest import start_server, wait_for
+from tests.conftest import REPO
+
+LONG = {"prompt": [5, 6, 7], "max_tokens": 192, "steps": 192, "block_length": 32, "stream": True}
+
+
+def test_disconnect_mid_stream_frees_the_request(live):
+    steps_before = live.metric("llada_denoising_steps_total")
+    with httpx.stream("POST", live.url + "/v1/completions", json=LONG) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one event, then hang up
+    assert wait_for(lambda: live.metric("llada_num_requests_running") == 0)
+    assert wait_for(lambda: not live.engine.engine.scheduler.running)
+    settled = live.metric("llada_denoising_steps_total")
+    time.sleep(0.3)
+    assert live.metric("llada_denoising_steps_total") == settled  # no more steps for it
+    assert settled - steps_before < 192  # it was stopped well before its canvas was done
+    assert live.metric('llada_request_success_total{finished_reason="abort"') >= 1
+
+
+def test_overload_gets_429_and_nothing_hangs(text_ckpt):
+    srv = start_server(text_ckpt, ServerConfig(max_queued_requests=2), SchedulerConfig(max_num_seqs=1))
+    body = {"prompt": [5, 6, 7], "max_tokens": 32, "steps": 32, "block_length": 8}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*(client.post(srv.url + "/v1/completions", json=body) for _ in range(8)))
+
+    try:
+        t0 = time.monotonic()
+        responses = asyncio.run(asyncio.wait_for(burst(), 60))
+        assert time.monotonic() - t0 < 60
+        codes = sorted(r.status_code for r in responses)
+        assert set(codes) <= {200, 429} and codes.count(200) >= 2 and 429 in codes, codes
+        for r in responses:
+            if r.status_code == 429:
+                assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+        assert wait_for(lambda: srv.metric("llada_num_requests_waiting") == 0
+                        and srv.metric("llada_num_requests_running") == 0)
+    finally:
+        srv.stop()
+
+
+def test_one_failing_request_fails_alone(live, monkeypatch):
+    runner = live.engine.engine.runner
+    real = runner.execute
+    POISON = 13
+
+    def execute(sched):
+        if any(s.canvas[0] == POISON for s in sched.seqs):
+            raise RuntimeError("injected fault")
+        return real(sched)
+
+    monkeypatch.setattr(runner, "execute", execute)
+    body = {"max_tokens": 16, "steps": 16, "block_length": 8, "temperature": 0.5}
+
+    async def mixed():
+        async with httpx.AsyncClient(timeout=60) as client:
+            good = [client.post(live.url + "/v1/completions", json={**body, "prompt": [20 + i, 6], "seed": i})
+                    for i in range(8)]
+            bad = client.post(live.url + "/v1/completions", json={**body, "prompt": [POISON, 6]})
+            return await asyncio.gather(bad, *good)
+
+    bad, *good = asyncio.run(mixed())
+    assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+    assert [r.status_code for r in good] == [200] * 8
+    assert live.metric('llada_request_success_total{finished_reason="error"') >= 1
+    monkeypatch.undo()
+    assert httpx.post(live.url + "/v1/completions", json={**body, "prompt": [POISON, 6]}).status_code == 200
+
+
+def test_dead_engine_turns_health_503(text_ckpt):
+    srv = start_server(text_ckpt)
+    fatal = []
+    srv.engine.on_fatal = fatal.append
+    try:
+        def broken(result):
+            raise RuntimeError("scheduler bug")
+
+        srv.engine.engine.scheduler.update = broken
+        r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4, "block_length": 4})
+        assert r.status_code == 503 and "engine loop has died" in r.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").status_code == 503
+        assert len(fatal) == 1
+        assert httpx.post(srv.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4}).status_code == 503
+    finally:
+        srv.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sigterm_drains_then_exits_zero(text_ckpt):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(text_ckpt), "--port", str(port),
+                             "--drain-timeout", "30", "--log-level", "warning"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        with httpx.stream("POST", url + "/v1/completions", json=LONG, timeout=60) as r:
+            lines = r.iter_lines()
+            first = next(l for l in lines if l.startswith("data: {"))
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: httpx.get(url + "/health").status_code == 503, 10)
+            late = httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 4})
+            assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+            rest = [first] + [l for l in lines if l]
+        assert rest[-1] == "data: [DONE]"
+        events = [json.loads(l[6:]) for l in rest if l.startswith("data: {")]
+        assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.TransportError:
+        return False
