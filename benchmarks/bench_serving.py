@@ -1,0 +1,118 @@
+"""Serving throughput and latency against a running server, at several
+concurrency levels (streamed chat requests, as vLLM's benchmark_serving).
+
+    python benchmarks/bench_serving.py --url http://127.0.0.1:8000 \
+        --concurrency 1,4,16 --requests 64 --json out.json
+
+Per concurrency: request throughput, output tokens/s (usage.completion_tokens
+of every request over the wall time), TTFT / TPOT / E2E p50 and p99, and
+failures. TPOT = (E2E - TTFT) / (completion_tokens - 1), as vLLM computes it.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = [
+    "reverse: apple banana cherry", "sort: 9 2 7 4", "add: 123 + 456", "reverse: one two three four five",
+    "continue: In the beginning God created", "sort: 5 3 8 1 6 2", "add: 47 + 385", "reverse: red green blue",
+]
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q / 100 * (len(values) - 1))))]
+
+
+async def one_request(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    t0 = time.perf_counter()
+    ttft, usage, error = None, None, None
+    try:
+        async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False, "error": f"HTTP {r.status_code}"}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[6:])
+                if "error" in event:
+                    error = event["error"]["message"]
+                if event.get("usage"):
+                    usage = event["usage"]
+                for c in event.get("choices", []):
+                    if ttft is None and c.get("delta", {}).get("content"):
+                        ttft = time.perf_counter() - t0
+    except httpx.HTTPError as e:
+        return {"ok": False, "error": repr(e)}
+    e2e = time.perf_counter() - t0
+    if error or usage is None:
+        return {"ok": False, "error": error or "no usage chunk"}
+    n = usage["completion_tokens"]
+    ttft = e2e if ttft is None else ttft
+    return {"ok": True, "ttft": ttft, "e2e": e2e, "tokens": n, "tpot": (e2e - ttft) / (n - 1) if n > 1 else None}
+
+
+async def run_level(url: str, concurrency: int, num_requests: int, args) -> dict:
+    sem = asyncio.Semaphore(concurrency)
+
+    async def worker(i: int, client: httpx.AsyncClient) -> dict:
+        body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": args.max_tokens,
+                "block_length": args.block_length, "stream": True, "stream_options": {"include_usage": True},
+                "temperature": 0}
+        if args.steps:
+            body["steps"] = args.steps
+        async with sem:
+            return await one_request(client, url, body)
+
+    async with httpx.AsyncClient(timeout=httpx.Timeout(600.0)) as client:
+        t0 = time.perf_counter()
+        results = await asyncio.gather(*(worker(i, client) for i in range(num_requests)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    tokens = sum(r["tokens"] for r in ok)
+    tpots = [r["tpot"] for r in ok if r["tpot"] is not None]
+    return {
+        "concurrency": concurrency, "requests": num_requests, "failures": len(results) - len(ok),
+        "wall_s": wall, "request_throughput": len(ok) / wall, "output_tokens_per_s": tokens / wall,
+        "mean_completion_tokens": statistics.mean([r["tokens"] for r in ok]) if ok else 0,
+        "ttft_p50_s": pct([r["ttft"] for r in ok], 50), "ttft_p99_s": pct([r["ttft"] for r in ok], 99),
+        "tpot_p50_s": pct(tpots, 50), "tpot_p99_s": pct(tpots, 99),
+        "e2e_p50_s": pct([r["e2e"] for r in ok], 50), "e2e_p99_s": pct([r["e2e"] for r in ok], 99),
+        "errors": sorted({r["error"] for r in results if not r["ok"]})[:5],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8000")
+    ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--block-length", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    rows = [asyncio.run(run_level(args.url, int(c), args.requests, args)) for c in args.concurrency.split(",")]
+    print(f"{'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT p50/p99 s':>15} | {'TPOT p50/p99 ms':>16} | "
+          f"{'E2E p50/p99 s':>14} | fail")
+    for r in rows:
+        print(f"{r['concurrency']:>4} | {r['request_throughput']:>6.2f} | {r['output_tokens_per_s']:>9.1f} | "
+              f"{r['ttft_p50_s']:>6.2f} / {r['ttft_p99_s']:<6.2f} | {1e3 * r['tpot_p50_s']:>7.1f} / "
+              f"{1e3 * r['tpot_p99_s']:<6.1f} | {r['e2e_p50_s']:>5.2f} / {r['e2e_p99_s']:<6.2f} | {r['failures']}")
+    if len(rows) > 1:
+        print(f"output tokens/s at concurrency {rows[-1]['concurrency']} vs {rows[0]['concurrency']}: "
+              f"{rows[-1]['output_tokens_per_s'] / rows[0]['output_tokens_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
