@@ -27,7 +27,9 @@ class StepRows:
     random_seed: torch.Tensor  # (num_rows,) int64 Philox seed of the sequence's step (random remasking)
     top_k: torch.Tensor  # (num_rows,) int64; <= 0 = no limit
     top_p: torch.Tensor  # (num_rows,) float32; 1 = no limit
-    quota: torch.Tensor  # (num_seqs,) int64 tokens to commit per sequence
+    quota: torch.Tensor  # (num_seqs,) int64 tokens to commit per sequence (quota rule; the cap otherwise)
+    threshold: torch.Tensor  # (num_seqs,) float32 threshold-rule tau; 0 = not that rule
+    factor: torch.Tensor  # (num_seqs,) float32 factor-rule f; 0 = not that rule
     remasking: list[str]  # sequence -> strategy name
 
     @classmethod
@@ -42,6 +44,8 @@ class StepRows:
         device: torch.device,
         top_ks: list[int] | None = None,  # seq -> top_k
         top_ps: list[float] | None = None,  # seq -> top_p
+        thresholds: list[float] | None = None,  # seq -> tau of the threshold rule
+        factors: list[float] | None = None,  # seq -> f of the factor rule
     ) -> "StepRows":
         counts = [len(r) for r in row_offsets]
 
@@ -57,6 +61,12 @@ class StepRows:
             top_k=per_row(top_ks or [0] * len(counts), torch.int64),
             top_p=per_row(top_ps or [1.0] * len(counts), torch.float32),
             quota=torch.tensor(quotas, dtype=torch.int64, device=device),
+            threshold=torch.tensor([t if REMASKING[r].rule == "threshold" else 0.0
+                                    for t, r in zip(thresholds or [0.0] * len(counts), remasking)],
+                                   dtype=torch.float32, device=device),
+            factor=torch.tensor([f if REMASKING[r].rule == "factor" else 0.0
+                                 for f, r in zip(factors or [0.0] * len(counts), remasking)],
+                                dtype=torch.float32, device=device),
             remasking=remasking,
         )
 
@@ -80,24 +90,46 @@ def top_k_top_p_filter(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.T
     return logits.masked_fill(~keep.scatter(1, order, keep), float("-inf"))
 
 
-def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits: (num_rows, vocab). Returns (x0, commit): the predicted token
-    of every row, int64 (num_rows,), and which rows to commit now, bool
-    (num_rows,).
+def factor_quota(confidence: torch.Tensor, row_seq: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """Fast-dLLM's factor rule as a per-sequence quota: the n most
+    confident rows while the n-th (1-based) has confidence >= 1 - f / (n + 1),
+    at least one. (num_seqs,) int64; sequences with f = 0 get 0."""
+    num_seqs = factor.shape[0]
+    order = torch.sort(confidence, descending=True, stable=True).indices
+    order = order[torch.sort(row_seq[order], stable=True).indices]
+    seq_sorted = row_seq[order]
+    counts = torch.bincount(row_seq, minlength=num_seqs)
+    rank = torch.arange(row_seq.shape[0], device=row_seq.device) - (torch.cumsum(counts, 0) - counts)[seq_sorted]
+    passes = confidence[order] >= 1 - factor[seq_sorted] / (rank + 2)
+    first_fail = torch.where(passes, counts[seq_sorted], rank)  # the rank of the first row that fails
+    n = torch.full((num_seqs,), row_seq.shape[0], device=row_seq.device, dtype=torch.int64)
+    n = n.scatter_reduce(0, seq_sorted, first_fail, reduce="amin")
+    n = torch.minimum(n, counts).clamp(min=1)
+    return torch.where(factor > 0, n, torch.zeros_like(n))
+
+
+def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits: (num_rows, vocab). Returns (x0, commit, prob): the predicted
+    token of every row, int64 (num_rows,), which rows to commit now, bool
+    (num_rows,), and the model's probability of each row's x0, float32
+    (num_rows,) (what a client shows as the token's confidence, whatever the
+    remasking strategy ranked by).
 
     top-k / top-p restrict which token is sampled (rows with temperature > 0);
     the confidence stays the model's own probability of that token."""
+    names = sorted(set(rows.remasking))
+    needs = {"with_margin": any(REMASKING[n].needs_margin for n in names),
+             "with_entropy": any(REMASKING[n].needs_entropy for n in names)}
     filtered = (rows.temperature > 0) & ((rows.top_k > 0) | (rows.top_p < 1))
     if bool(filtered.any()):
         idx = filtered.nonzero().squeeze(1)
         sampling_logits = logits.clone()
         sampling_logits[idx] = top_k_top_p_filter(logits[idx], rows.top_k[idx], rows.top_p[idx])
-        scores = ops.unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset)
+        scores = ops.unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset, **needs)
         log_probs = torch.log_softmax(logits[idx].float(), dim=1)
         scores["prob"][idx] = log_probs.gather(1, scores["x0"][idx, None]).squeeze(1).exp()
     else:
-        scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset)
-    names = sorted(set(rows.remasking))
+        scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs)
     if any(REMASKING[n].needs_uniform for n in names):
         scores["uniform"] = philox_uniform(rows.random_seed, rows.row_offset)
     if len(names) == 1:
@@ -107,5 +139,9 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
         confidence = torch.empty_like(scores["prob"])
         for k, n in enumerate(names):
             confidence = torch.where(kind == k, REMASKING[n].confidence(scores).to(confidence.dtype), confidence)
-    commit = ops.select_commits(confidence.float(), rows.row_seq, rows.quota)
-    return scores["x0"], commit
+    confidence = confidence.float()
+    quota = rows.quota
+    if bool((rows.factor > 0).any()):
+        quota = torch.where(rows.factor > 0, factor_quota(confidence, rows.row_seq, rows.factor), quota)
+    commit = ops.select_commits(confidence, rows.row_seq, quota, rows.threshold)
+    return scores["x0"], commit, scores["prob"].float()

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 
 from sampler.remasking import REMASKING
 
+# exact: the whole canvas every step (equals the reference); prefix_cache and
+# dual_cache (Fast-dLLM): the whole canvas at each block's first step, caching
+# the prefix (and suffix) keys/values, then only block + suffix (only the block).
+DECODING = ("exact", "prefix_cache", "dual_cache")
+
 
 @dataclass
 class DiffusionParams:
@@ -16,7 +21,10 @@ class DiffusionParams:
     top_k: int = 0  # sample x0 among the k likeliest tokens; 0 or -1 = all (temperature > 0 only)
     top_p: float = 1.0  # sample x0 within this probability mass; 1 = all (temperature > 0 only)
     cfg_scale: float = 0.0  # classifier-free guidance (the prompt masked out); 0 = off
-    remasking: str = "low_confidence"  # which masked positions to commit, by name
+    remasking: str = "low_confidence"  # which masked positions to commit, by name (sampler.remasking)
+    threshold: float = 0.9  # the "threshold" rule: commit every position at least this confident
+    factor: float = 1.0  # the "factor" rule (Fast-dLLM): commit the top n while c_n >= 1 - factor / (n + 1)
+    decoding: str = "exact"  # exact | prefix_cache | dual_cache (DECODING)
     seed: int | None = None  # seeds the request's noise; None = drawn at creation
 
     def __post_init__(self) -> None:
@@ -53,6 +61,14 @@ class DiffusionParams:
               f"must be a number in [0, 100], got {self.cfg_scale!r}")
         check(self.remasking in REMASKING, "remasking",
               f"unknown strategy {self.remasking!r}; one of {', '.join(sorted(REMASKING))}")
+        check(isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1, "threshold",
+              f"must be a number in (0, 1], got {self.threshold!r}")
+        check(isinstance(self.factor, (int, float)) and self.factor > 0, "factor",
+              f"must be a positive number, got {self.factor!r}")
+        check(self.decoding in DECODING, "decoding",
+              f"unknown mode {self.decoding!r}; one of {', '.join(DECODING)}")
+        check(self.decoding == "exact" or not self.cfg_scale, "cfg_scale",
+              f"classifier-free guidance needs decoding 'exact', not {self.decoding!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",
               f"must be an integer that fits in 64 bits, got {self.seed!r}")

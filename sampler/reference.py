@@ -11,7 +11,9 @@ Three departures, each documented:
 - the reference's asserts are generalized as ``sampler.schedule`` documents
   (a shorter last block; steps not divisible by the number of blocks);
 - ``model`` is any callable ``(x, attention_mask) -> logits`` (batch, length,
-  vocab), e.g. ``LLaDAModel.forward_dense``.
+  vocab), e.g. ``LLaDAModel.forward_dense``;
+- two more confidences (Dream's), as plainly: ``margin`` (top-1 minus top-2
+  probability) and ``entropy`` (negative entropy of the distribution).
 Where the original's asserts hold and temperature is 0, it is the original.
 """
 from __future__ import annotations
@@ -85,6 +87,13 @@ def generate(
             if remasking == "low_confidence":
                 p = F.softmax(logits, dim=-1)
                 x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
+            elif remasking in ("margin", "entropy"):
+                p = F.softmax(logits.to(torch.float64), dim=-1)
+                if remasking == "margin":
+                    top2 = torch.topk(p, 2, dim=-1).values
+                    x0_p = top2[..., 0] - top2[..., 1]
+                else:
+                    x0_p = (p * torch.log(p.clamp_min(1e-300))).sum(dim=-1)
             elif remasking == "random":
                 x0_p = torch.full(x0.shape, -np.inf, dtype=torch.float64, device=x0.device)
                 x0_p[:, prompt_len:] = _uniform(seeds, global_step, 1, gen_length, None).to(x0.device)

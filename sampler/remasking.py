@@ -1,9 +1,13 @@
 """Remasking strategies, looked up by name: how confident the model is in
-each masked position's prediction. The commit rule then takes the most
-confident ones (see ``kernels.ops.select_commits``).
+each masked position's prediction (higher commits first), and the rule that
+decides how many to commit:
+- ``quota``: the step's share of the block (the reference's rule; fixed steps);
+- ``threshold``: every position with confidence >= ``threshold``, at least
+  the most confident one (parallel decoding: steps adapt to the model);
+- ``factor``: Fast-dLLM's rule, the top n while the n-th confidence c_n >=
+  1 - factor / (n + 1), at least one (steps adapt too).
 
-Each strategy says which per-row scores it needs from the unmask op and
-turns them into one confidence per row (higher commits first).
+Each strategy names the per-row scores it needs from the unmask op.
 """
 from __future__ import annotations
 
@@ -18,12 +22,30 @@ if TYPE_CHECKING:  # torch-free at import: the API validates names without torch
 class Remasking:
     name: str
     confidence: Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"]  # unmask scores -> (num_rows,)
+    rule: str = "quota"  # quota | threshold | factor
     needs_uniform: bool = False  # wants scores["uniform"], a per-row U[0, 1) draw
+    needs_margin: bool = False  # wants scores["margin"]
+    needs_entropy: bool = False  # wants scores["entropy"]
+
+    @property
+    def is_adaptive(self) -> bool:
+        """Whether the number of steps follows the model (not the schedule)."""
+        return self.rule != "quota"
+
+
+def _prob(s):
+    return s["prob"]
 
 
 REMASKING: dict[str, Remasking] = {
     # LLaDA's default: the softmax probability of the predicted token.
-    "low_confidence": Remasking("low_confidence", lambda s: s["prob"]),
+    "low_confidence": Remasking("low_confidence", _prob),
     # LLaDA's baseline: commit uniformly random positions.
     "random": Remasking("random", lambda s: s["uniform"], needs_uniform=True),
+    # Dream's alternatives: top-1 minus top-2 probability; negative entropy.
+    "margin": Remasking("margin", lambda s: s["margin"], needs_margin=True),
+    "entropy": Remasking("entropy", lambda s: -s["entropy"], needs_entropy=True),
+    # Parallel decoding (Fast-dLLM) on the low-confidence score.
+    "threshold": Remasking("threshold", _prob, rule="threshold"),
+    "factor": Remasking("factor", _prob, rule="factor"),
 }

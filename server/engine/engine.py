@@ -39,8 +39,9 @@ class LLMEngine:
         self.max_model_len: int = model_config.max_model_len or cfg.max_sequence_length
         self.tokenizer = Tokenizer.load(self.path)
         self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
-        self.scheduler = Scheduler(scheduler_config or SchedulerConfig())
-        self.runner = ModelRunner(self.model, self.mask_id)
+        sc = scheduler_config or SchedulerConfig()
+        self.scheduler = Scheduler(sc)
+        self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
         self.last_step = StepStats(0, 0, [])
 
     def check_prompt(self, prompt_ids: list[int], params: DiffusionParams) -> None:

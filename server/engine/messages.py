@@ -20,6 +20,12 @@ class ScheduledSeq:
     random_seed: int  # Philox seed of this step's random-remasking scores
     remasking: str  # strategy name
     cfg_scale: float  # 0 = no guidance
+    threshold: float  # tau of the threshold rule
+    factor: float  # f of the factor rule
+    block: tuple[int, int]  # absolute [start, end) of the current block in the canvas
+    decoding: str  # exact | prefix_cache | dual_cache
+    cache_action: str | None  # None, "fill" (store keys/values) or "use" (read them)
+    pages: list[int]  # the request's KV pages (cache modes)
 
 
 @dataclass
@@ -32,6 +38,8 @@ class SchedulerOutput:
 class RunnerOutput:
     # req_id -> (committed canvas positions, their tokens)
     commits: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
+    # req_id -> the model's probability of each committed token, aligned with commits[req_id]
+    confidences: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -45,3 +53,4 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None
     committed: tuple[list[int], list[int]] | None = None  # this step's (positions, tokens)
+    confidences: list[float] | None = None  # this step's committed tokens' probabilities, aligned with committed

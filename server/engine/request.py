@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from sampler.params import DiffusionParams
+from sampler.remasking import REMASKING
 from sampler.schedule import block_bounds, commit_quota, step_seed, steps_per_block
 
 
@@ -46,6 +47,9 @@ class Request:
         self.num_final = 0  # length of the final prefix of the generated part
         self.stop_at: int | None = None  # index in the generated part of the first stop token
         self.first_token_time: float | None = None
+        self.is_adaptive = REMASKING[p.remasking].is_adaptive  # steps follow the model, not the schedule
+        self.pages: list[int] = []  # KV pages, reserved at admission in the cache modes
+        self.block_filled = False  # whether this block's first (cache-filling) step ran
         self._quotas = commit_quota(self._block_size(), self.block_steps[0])
 
     @property
@@ -67,9 +71,20 @@ class Request:
         b0, b1 = self.blocks[self.block_idx]
         return self.prompt_len + b0, self.prompt_len + b1
 
+    @property
+    def uses_cache(self) -> bool:
+        return self.params.decoding != "exact"
+
+    def cache_action(self) -> str | None:
+        """None (no cache), "fill" (the block's first step: the whole canvas,
+        storing keys/values) or "use" (later steps: read them)."""
+        if not self.uses_cache:
+            return None
+        return "use" if self.block_filled else "fill"
+
     def skip_empty_steps(self) -> None:
         """Steps whose quota is 0 commit nothing: pass them without a forward."""
-        while not self.is_done and self._quotas[self.step_in_block] == 0:
+        while not self.is_done and not self.is_adaptive and self._quotas[self.step_in_block] == 0:
             self._advance()
 
     @property
@@ -77,6 +92,10 @@ class Request:
         return self.block_idx >= len(self.blocks) or self.stop_at is not None
 
     def quota(self) -> int:
+        """Tokens to commit this step: the schedule's share, or for the
+        adaptive rules the cap (every masked position of the block)."""
+        if self.is_adaptive:
+            return len(self.masked_positions())
         return self._quotas[self.step_in_block]
 
     def seeds(self) -> tuple[int, int]:
@@ -93,16 +112,20 @@ class Request:
         for pos, tok in zip(positions, tokens):
             self.canvas[pos] = tok
         self.num_forward_steps += 1
+        self.block_filled = True
         self._advance()
         return self._grow_final()
 
     def _advance(self) -> None:
         self.step_index += 1
         self.step_in_block += 1
-        if self.step_in_block == self.block_steps[self.block_idx]:
+        block_over = (not self.masked_positions()) if self.is_adaptive \
+            else self.step_in_block == self.block_steps[self.block_idx]
+        if block_over:
+            self.block_filled = False
             self.block_idx += 1
             self.step_in_block = 0
-            if self.block_idx < len(self.blocks):
+            if self.block_idx < len(self.blocks) and not self.is_adaptive:
                 self._quotas = commit_quota(self._block_size(), self.block_steps[self.block_idx])
 
     def _grow_final(self) -> list[int]:

@@ -5,38 +5,77 @@ It packs the scheduled canvases into one ragged batch (sequences end to end,
 (each sequence's masked positions in its current block), applies
 classifier-free guidance where asked, runs the sampler's denoising step and
 returns plain lists.
+
+What each sequence puts through the model depends on its decoding mode:
+- exact: the whole canvas;
+- a cache mode at its block's first step ("fill"): the whole canvas, storing
+  the keys/values of the prefix (prefix_cache) or of prefix and suffix
+  (dual_cache) packed into its pages;
+- a cache mode later in the block ("use"): block + suffix (prefix_cache) or
+  the block alone (dual_cache), attending to the stored keys as well.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from sampler.block_diffusion import StepRows, apply_cfg, denoise_step
-from server.engine.messages import RunnerOutput, SchedulerOutput
+from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput
+from server.models.kv_cache import CacheView, PagedKVCache
+
+
+@dataclass
+class SeqPlan:
+    """What one sequence computes this step."""
+
+    start: int  # first canvas position computed
+    end: int  # one past the last
+    cached: int  # keys read from its pages
+    stored: list[int]  # canvas positions whose keys/values it stores, in slot order
+
+
+def plan(s: ScheduledSeq) -> SeqPlan:
+    length = len(s.canvas)
+    b0, b1 = s.block
+    if s.cache_action is None:
+        return SeqPlan(0, length, 0, [])
+    dual = s.decoding == "dual_cache"
+    if s.cache_action == "fill":
+        stored = list(range(b0)) + (list(range(b1, length)) if dual else [])
+        return SeqPlan(0, length, 0, stored)
+    return SeqPlan(b0, b1 if dual else length, b0 + (length - b1 if dual else 0), [])
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, mask_id: int):
+    def __init__(self, model: torch.nn.Module, mask_id: int, num_kv_pages: int = 0, page_size: int = 16):
         self.model = model
         self.mask_id = mask_id
         self.device = model.device
+        self.kv_cache = None
+        if num_kv_pages:
+            cfg = model.config
+            self.kv_cache = PagedKVCache.allocate(cfg.n_layers, num_kv_pages, page_size, cfg.n_kv_heads,
+                                                  cfg.head_dim, model.dtype, model.device)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         seqs = sched.seqs
         if not seqs:
             return RunnerOutput()
+        plans = [plan(s) for s in seqs]
         ids: list[int] = []
         positions: list[int] = []
         cu_seqlens = [0]
         cond_rows: list[int] = []  # packed index of every row's logits
         uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
-        for s in seqs:
+        for s, p in zip(seqs, plans):
             start = cu_seqlens[-1]
-            ids += s.canvas
-            positions += range(len(s.canvas))
-            cu_seqlens.append(start + len(s.canvas))
-            cond_rows += [start + p for p in s.rows]
-        for s in seqs:  # unconditional canvases after all conditional ones
+            ids += s.canvas[p.start:p.end]
+            positions += range(p.start, p.end)
+            cu_seqlens.append(start + p.end - p.start)
+            cond_rows += [start + r - p.start for r in s.rows]
+        for s in seqs:  # unconditional canvases after all conditional ones (exact mode only)
             if s.cfg_scale > 0:
                 start = cu_seqlens[-1]
                 ids += [self.mask_id] * s.prompt_len + s.canvas[s.prompt_len:]
@@ -50,6 +89,7 @@ class ModelRunner:
             torch.tensor(positions, dtype=torch.long, device=dev),
             cu_seqlens,
             torch.tensor(cond_rows + uncond_rows, dtype=torch.long, device=dev),
+            self._cache_view(seqs, plans, cu_seqlens),
         )
         if uncond_rows:
             logits = self._guide(logits[: len(cond_rows)], logits[len(cond_rows):], seqs)
@@ -64,17 +104,34 @@ class ModelRunner:
             device=dev,
             top_ks=[s.top_k for s in seqs],
             top_ps=[s.top_p for s in seqs],
+            thresholds=[s.threshold for s in seqs],
+            factors=[s.factor for s in seqs],
         )
-        x0, commit = denoise_step(logits, rows)
-        x0, commit = x0.tolist(), commit.tolist()
+        x0, commit, prob = denoise_step(logits, rows)
+        x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
 
         out = RunnerOutput()
         i = 0
         for s in seqs:
-            picked = [(p, x0[i + j]) for j, p in enumerate(s.rows) if commit[i + j]]
-            out.commits[s.req_id] = ([p for p, _ in picked], [t for _, t in picked])
+            picked = [(p, x0[i + j], prob[i + j]) for j, p in enumerate(s.rows) if commit[i + j]]
+            out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
+            out.confidences[s.req_id] = [c for _, _, c in picked]
             i += len(s.rows)
         return out
+
+    def _cache_view(self, seqs: list[ScheduledSeq], plans: list[SeqPlan], cu_seqlens: list[int]) -> CacheView | None:
+        if not any(s.cache_action for s in seqs):
+            return None
+        page_size = self.kv_cache.page_size
+        max_pages = max(len(s.pages) for s in seqs) or 1
+        table = [s.pages + [0] * (max_pages - len(s.pages)) for s in seqs]
+        slots = [-1] * (cu_seqlens[-1])
+        for s, p, start in zip(seqs, plans, cu_seqlens):
+            for j, pos in enumerate(p.stored):  # slot j of the request's pages
+                slots[start + pos - p.start] = s.pages[j // page_size] * page_size + j % page_size
+        dev = self.device
+        return CacheView(self.kv_cache, torch.tensor(table, dtype=torch.int32, device=dev),
+                         [p.cached for p in plans], torch.tensor(slots, dtype=torch.int64, device=dev))
 
     def _guide(self, cond: torch.Tensor, uncond: torch.Tensor, seqs) -> torch.Tensor:
         """Replaces the rows of guided sequences by their cfg combination."""

@@ -15,6 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from server.engine.messages import RequestOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
+from server.engine.pages import PageAllocator
 from server.engine.request import Request, RequestStatus
 
 
@@ -22,8 +23,20 @@ from server.engine.request import Request, RequestStatus
 class SchedulerConfig:
     max_num_seqs: int = 16  # requests in one forward pass
     max_num_batched_tokens: int = 8192  # canvas tokens in one forward pass (cfg counts twice)
+    kv_cache_tokens: int | None = None  # KV slots for the cache modes; None = max_num_batched_tokens, 0 = off
+    page_size: int = 16  # tokens per KV page
+
+    @property
+    def num_kv_pages(self) -> int:
+        tokens = self.max_num_batched_tokens if self.kv_cache_tokens is None else self.kv_cache_tokens
+        # Every request rounds up to whole pages: one spare page per slot of the batch.
+        return 0 if tokens == 0 else -(-tokens // self.page_size) + self.max_num_seqs
 
     def __post_init__(self) -> None:
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 0:
+            raise ValueError(f"kv_cache_tokens must be >= 0, got {self.kv_cache_tokens}")
+        if self.page_size < 1:
+            raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < 1:
@@ -35,13 +48,25 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.pages = PageAllocator(config.num_kv_pages, config.page_size) if config.num_kv_pages else None
 
     def check_fits(self, req: Request) -> None:
-        """A request whose canvas exceeds the per-step budget could never be admitted."""
+        """A request that could never be admitted is refused up front."""
         limit = self.config.max_num_batched_tokens
         if req.num_tokens > limit:
             raise ValueError(f"max_tokens: the canvas ({req.num_tokens} tokens, guidance counted twice) "
                              f"exceeds max_num_batched_tokens {limit}")
+        if req.uses_cache:
+            if self.pages is None:
+                raise ValueError(f"decoding: {req.params.decoding!r} needs the KV cache, which this server "
+                                 "runs without (kv_cache_tokens 0)")
+            if self.pages.pages_for(len(req.canvas)) > self.pages.num_pages:
+                raise ValueError(f"max_tokens: the canvas ({len(req.canvas)} tokens) exceeds the KV cache")
+
+    def _release(self, req: Request) -> None:
+        if req.pages:
+            self.pages.free(req.pages)
+            req.pages = []
 
     def add(self, req: Request) -> None:
         self.check_fits(req)
@@ -57,6 +82,7 @@ class Scheduler:
             for req in queue:
                 if req.req_id == req_id:
                     queue.remove(req)
+                    self._release(req)
                     req.status, req.error = status, error
                     return req
         return None
@@ -68,6 +94,10 @@ class Scheduler:
             req = self.waiting[0]
             if req.num_tokens > budget:
                 break  # first come, first served: no overtaking
+            if req.uses_cache:
+                if not self.pages.can_allocate(len(req.canvas)):
+                    break
+                req.pages = self.pages.allocate(len(req.canvas))
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -84,6 +114,8 @@ class Scheduler:
                 rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
                 top_k=p.top_k, top_p=p.top_p,
                 seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
+                threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
+                cache_action=req.cache_action(), pages=req.pages,
             ))
         return out
 
@@ -101,10 +133,11 @@ class Scheduler:
             if req.is_done:
                 req.status = req.finish_status()
                 self.running.remove(req)
+                self._release(req)
             if committed is not None or req.status.is_finished:
                 outputs.append(RequestOutput(
                     req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids,
                     finished=req.status.is_finished,
                     finish_reason=req.status.value if req.status.is_finished else None,
-                    committed=committed))
+                    committed=committed, confidences=result.confidences.get(req.req_id)))
         return outputs

@@ -16,6 +16,7 @@ Two entry points share the layers:
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -24,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import ops
+from server.models.kv_cache import CacheView
 
 
 @dataclass
@@ -131,7 +133,7 @@ class Rotary:
         return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> out
 
 
 class LLaDABlock(nn.Module):
@@ -183,8 +185,8 @@ class LLaDAModel(nn.Module):
         sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
         sin, cos = sin[positions][:, None, :], cos[positions][:, None, :]  # (num_tokens, 1, head_dim)
         x = self.wte(input_ids)
-        for block in self.blocks:
-            x = block(x, sin, cos, attend)
+        for i, block in enumerate(self.blocks):
+            x = block(x, sin, cos, functools.partial(attend, i))
         if logits_indices is not None:
             x = x[logits_indices]  # the LM head only where the sampler needs logits
         x = self.ln_f(x)
@@ -192,13 +194,21 @@ class LLaDAModel(nn.Module):
         return F.linear(x, head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None, cache: CacheView | None = None) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) packed sequences, sequence i
-        spanning [cu_seqlens[i], cu_seqlens[i+1]). Returns logits
-        (len(logits_indices) or num_tokens, embedding_size)."""
-
-        def attend(q, k, v):
-            return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens)
+        spanning [cu_seqlens[i], cu_seqlens[i+1]). With ``cache``, tokens
+        with a write slot store their keys/values, and sequence i's queries
+        also attend to its first ``cache.cache_seqlens[i]`` cached keys.
+        Returns logits (len(logits_indices) or num_tokens, embedding_size)."""
+        if cache is None:
+            def attend(layer, q, k, v):
+                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens)
+        else:
+            def attend(layer, q, k, v):
+                cache.write(layer, k, v)
+                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, k_cache=cache.cache.k[layer],
+                                            v_cache=cache.cache.v[layer], block_table=cache.block_table,
+                                            cache_seqlens=cache.cache_seqlens)
 
         return self._run(input_ids, positions, attend, logits_indices)
 
@@ -211,7 +221,7 @@ class LLaDAModel(nn.Module):
             bias = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, length) keys kept
         positions = torch.arange(length, device=input_ids.device).repeat(batch)
 
-        def attend(q, k, v):
+        def attend(layer, q, k, v):
             q, k, v = (t.view(batch, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
             if k.shape[1] != q.shape[1]:
                 group = q.shape[1] // k.shape[1]

@@ -38,7 +38,12 @@ def test_step_seeds_are_distinct_and_signed_64_bit():
     ({"temperature": -0.1}, "temperature: must be a number in [0, 100]"),
     ({"temperature": "hot"}, "temperature: must be a number"),
     ({"cfg_scale": -1}, "cfg_scale: must be a number"),
-    ({"remasking": "lowest"}, "remasking: unknown strategy 'lowest'; one of low_confidence, random"),
+    ({"remasking": "lowest"},
+     "remasking: unknown strategy 'lowest'; one of entropy, factor, low_confidence, margin, random, threshold"),
+    ({"threshold": 0}, "threshold: must be a number in (0, 1]"),
+    ({"factor": -1}, "factor: must be a positive number"),
+    ({"decoding": "fast"}, "decoding: unknown mode 'fast'; one of exact, prefix_cache, dual_cache"),
+    ({"decoding": "dual_cache", "cfg_scale": 1.0}, "cfg_scale: classifier-free guidance needs decoding 'exact'"),
     ({"seed": 2**64}, "seed: must be an integer that fits in 64 bits"),
     ({"seed": True}, "seed: must be an integer"),
 ])

@@ -1,0 +1,118 @@
+"""The Fast-dLLM cache modes and the adaptive commit rules: the cache is
+filled at each block's first step, read by the later steps of the block,
+refreshed at the next block, and its pages go back to the pool."""
+from __future__ import annotations
+
+import torch
+
+from sampler.params import DiffusionParams
+from server.engine.llm import LLM
+from server.models.kv_cache import CacheView, PagedKVCache
+from server.models.loader import load_model
+
+PROMPT = [204, 68, 268, 43, 100, 190, 179, 266, 147, 12, 244, 58]
+
+
+def test_cached_keys_reproduce_the_full_forward(golden_dir):
+    """Keys/values stored by a full forward, read back by a forward over the
+    block alone, give the block the full forward's logits (float64)."""
+    model = load_model(golden_dir, "float64", "cpu")
+    canvas = torch.tensor(PROMPT + [310] * 20)
+    length, b0, b1, page = len(canvas), 16, 24, 4
+    positions = torch.arange(length)
+    full = model(canvas, positions, [0, length])
+    cfg = model.config
+    cache = PagedKVCache.allocate(cfg.n_layers, 16, page, cfg.n_kv_heads, cfg.head_dim, torch.float64, "cpu")
+    pages = [5, 2, 9, 11, 0, 7, 3, 1]  # deliberately scattered
+    stored = list(range(b0)) + list(range(b1, length))  # dual cache: prefix and suffix, packed
+    slots = torch.full((length,), -1)
+    for j, pos in enumerate(stored):
+        slots[pos] = pages[j // page] * page + j % page
+    table = torch.tensor([pages], dtype=torch.int32)
+    filled = model(canvas, positions, [0, length], cache=CacheView(cache, table, [0], slots))
+    assert torch.equal(filled, full)  # storing changes nothing
+    block = model(canvas[b0:b1], positions[b0:b1], [0, b1 - b0], cache=CacheView(cache, table, [len(stored)], None))
+    assert ((block - full[b0:b1]).norm() / full[b0:b1].norm()).item() < 1e-12
+    # Without the cache the block alone sees too little: the cache is what made it match.
+    alone = model(canvas[b0:b1], positions[b0:b1], [0, b1 - b0])
+    assert ((alone - full[b0:b1]).norm() / full[b0:b1].norm()).item() > 1e-3
+
+
+def _record_forwards(llm):
+    calls = []
+    model = llm.engine.model
+    real = model.forward
+
+    def forward(input_ids, positions, cu_seqlens, logits_indices=None, cache=None):
+        calls.append({"tokens": input_ids.tolist(), "positions": positions.tolist(),
+                      "cached": None if cache is None else list(cache.cache_seqlens),
+                      "stores": 0 if cache is None or cache.write_slots is None else int((cache.write_slots >= 0).sum())})
+        return real(input_ids, positions, cu_seqlens, logits_indices, cache)
+
+    model.forward = forward
+    return calls
+
+
+def test_dual_cache_fills_reuses_and_refreshes(golden_dir):
+    llm = LLM(str(golden_dir), dtype="float32", device="cpu")
+    calls = _record_forwards(llm)
+    params = DiffusionParams(gen_length=24, steps=12, block_length=8, decoding="dual_cache")
+    out = llm.generate([PROMPT], params)[0]
+    length = len(PROMPT) + 24
+    assert len(calls) == 12
+    fills = [c for c in calls if c["stores"]]
+    assert [len(c["tokens"]) for c in fills] == [length] * 3  # each block starts with a full forward...
+    assert [c["stores"] for c in fills] == [length - 8] * 3  # ...storing prefix and suffix
+    uses = [c for c in calls if not c["stores"]]
+    assert all(len(c["tokens"]) == 8 and c["cached"] == [length - 8] for c in uses)  # then the block alone
+    # Refreshed: block 2's fill sees block 1's committed tokens, block 1's fill saw masks there.
+    gen0 = len(PROMPT)
+    assert 310 in fills[0]["tokens"][gen0:gen0 + 8] and 310 not in fills[1]["tokens"][gen0:gen0 + 8]
+    assert llm.engine.scheduler.pages.num_free == llm.engine.scheduler.pages.num_pages
+    assert len(out.token_ids) <= 24
+
+
+def test_prefix_cache_computes_block_and_suffix(golden_dir):
+    llm = LLM(str(golden_dir), dtype="float32", device="cpu")
+    calls = _record_forwards(llm)
+    llm.generate([PROMPT], DiffusionParams(gen_length=16, steps=8, block_length=8, decoding="prefix_cache"))
+    length, p = len(PROMPT) + 16, len(PROMPT)
+    assert [len(c["tokens"]) for c in calls] == [length, 16, 16, 16, length, 8, 8, 8]
+    assert [c["stores"] for c in calls if c["stores"]] == [p, p + 8]
+    assert [c["cached"] for c in calls if not c["stores"]] == [[p]] * 3 + [[p + 8]] * 3
+
+
+def test_threshold_rule_adapts_steps(golden_dir):
+    llm = LLM(str(golden_dir), dtype="float32", device="cpu")
+    base = dict(gen_length=32, steps=32, block_length=8)
+    eager = llm.generate([PROMPT], DiffusionParams(**base, remasking="threshold", threshold=0.01))[0]
+    strict = llm.generate([PROMPT], DiffusionParams(**base, remasking="threshold", threshold=1.0))[0]
+    assert eager.num_steps == 4  # everything clears a tiny threshold: one step per block
+    assert strict.num_steps == 32  # nothing reaches 1.0: at least one token per step
+    exact = llm.generate([PROMPT], DiffusionParams(**base))[0]
+    assert strict.token_ids == exact.token_ids  # one most-confident token per step is the reference
+
+
+def test_factor_rule_runs_adaptively(golden_dir):
+    llm = LLM(str(golden_dir), dtype="float32", device="cpu")
+    base = dict(gen_length=32, steps=32, block_length=8)
+    loose = llm.generate([PROMPT], DiffusionParams(**base, remasking="factor", factor=100.0))[0]
+    tight = llm.generate([PROMPT], DiffusionParams(**base, remasking="factor", factor=1e-9))[0]
+    assert loose.num_steps == 4 and tight.num_steps == 32
+    assert tight.token_ids == llm.generate([PROMPT], DiffusionParams(**base))[0].token_ids
+
+
+def test_pages_bound_admission(golden_dir):
+    """With room in the KV pool for one canvas, cache requests run one at a
+    time (never preempted), exact ones are not held back by pages."""
+    llm = LLM(str(golden_dir), dtype="float32", device="cpu", max_num_batched_tokens=64)
+    sched = llm.engine.scheduler
+    sched.pages.__init__(3, 16)  # 48 slots: one 44-token canvas at a time
+    params = DiffusionParams(gen_length=32, steps=8, block_length=8, decoding="dual_cache")
+    for i in range(2):
+        llm.engine.add_request(f"r{i}", PROMPT, params)
+    llm.engine.step()
+    assert [r.req_id for r in sched.running] == ["r0"] and len(sched.waiting) == 1
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert sched.pages.num_free == 3
