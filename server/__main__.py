@@ -63,8 +63,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("default-max-tokens", int, 128, "canvas length when a request gives no max_tokens")
     flag("default-steps", int, None, "denoising steps when a request gives none (default: max_tokens)")
     flag("default-block-length", int, 32, "block length when a request gives none")
+    flag("default-decoding", str, "exact", "exact | prefix_cache | dual_cache, when a request gives none")
+    flag("default-remasking", str, "low_confidence", "commit rule when a request gives none")
+    flag("default-threshold", float, 0.9, "the threshold rule's bar when a request gives none")
+    flag("kv-cache-tokens", int, None, "KV-cache slots for the cache modes (default: max-num-batched-tokens; 0: off)")
     flag("max-body-bytes", int, 1 << 20, "largest request body accepted")
     flag("drain-timeout", float, 30.0, "seconds in-flight requests get to finish after SIGTERM")
+    p.add_argument("--no-playground", action="store_true",
+                   default=str(_env_default("no-playground", "")).lower() in ("1", "true", "yes", "on"),
+                   help="do not serve the playground web page at /")
     p.add_argument("--log-level", default=_env_default("log-level", "info"),
                    choices=["critical", "error", "warning", "info", "debug"])
 

@@ -39,6 +39,9 @@ class ServerConfig:
     default_max_tokens: int = 128  # canvas length when a request gives none
     default_steps: int | None = None  # None = one token per step (steps = max_tokens)
     default_block_length: int = 32
+    default_decoding: str = "exact"  # when a request gives none
+    default_remasking: str = "low_confidence"
+    default_threshold: float = 0.9
     playground: bool = True  # the web page at /
 
     def __post_init__(self) -> None:
@@ -52,3 +55,8 @@ class ServerConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}")
+        from sampler.params import DiffusionParams
+
+        # The defaults must make a valid request on their own.
+        DiffusionParams(decoding=self.default_decoding, remasking=self.default_remasking,
+                        threshold=self.default_threshold)

@@ -56,12 +56,15 @@ def serve(args) -> int:
         model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                    max_model_len=args.max_model_len)
         scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                           max_num_batched_tokens=args.max_num_batched_tokens)
+                                           max_num_batched_tokens=args.max_num_batched_tokens,
+                                           kv_cache_tokens=args.kv_cache_tokens)
         server_config = ServerConfig(
             host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
             max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-            default_steps=args.default_steps, default_block_length=args.default_block_length)
+            default_steps=args.default_steps, default_block_length=args.default_block_length,
+            default_decoding=args.default_decoding, default_remasking=args.default_remasking,
+            default_threshold=args.default_threshold, playground=not args.no_playground)
     except ValueError as e:
         print(f"llada-serve: error: {e}", file=sys.stderr)
         return 2
@@ -86,7 +89,8 @@ def serve(args) -> int:
                                log_level=args.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, state)
     server_box.append(server)
-    logger.info("serving %s on http://%s:%d", model_name, server_config.host, server_config.port)
+    logger.info("serving %s on http://%s:%d%s", model_name, server_config.host, server_config.port,
+                " (playground at /)" if server_config.playground else "")
     server.run()
     engine.shutdown()
     return 1 if engine.is_dead else 0

@@ -28,6 +28,11 @@ class ErrorResponse(BaseModel):
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
     include_usage: StrictBool = False
+    include_denoising: StrictBool = Field(
+        False, description="llada-serve extension (streams only): before each step's content chunk, one "
+        "`denoising.step` event per denoising step: {object, id, choice, step, block, num_blocks, block_range, "
+        "gen_length, committed: [{position, token, text, confidence}]}, positions relative to the generated part, "
+        "confidence the model's probability of the committed token. Off by default, so OpenAI clients never see it.")
 
 
 class DiffusionFields(BaseModel):
@@ -49,8 +54,11 @@ class DiffusionFields(BaseModel):
     # diffusion extras
     steps: StrictInt | None = Field(None, description="denoising steps over the canvas")
     block_length: StrictInt | None = Field(None, description="semi-autoregressive block size")
-    remasking: str | None = Field(None, description="low_confidence | random")
+    remasking: str | None = Field(None, description="low_confidence | random | margin | entropy | threshold | factor")
     cfg_scale: NonNegFloat | None = Field(None, description="classifier-free guidance scale")
+    decoding: str | None = Field(None, description="exact | prefix_cache | dual_cache")
+    threshold: float | None = Field(None, description="the threshold rule's confidence bar, in (0, 1]")
+    factor: float | None = Field(None, description="the factor rule's f (Fast-dLLM), > 0")
     # OpenAI features refused with a clear error when used
     logprobs: Any = None
     presence_penalty: float | None = None
@@ -133,7 +141,7 @@ class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
 
     @model_validator(mode="after")
     def _one_input(self):

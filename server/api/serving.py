@@ -6,6 +6,11 @@ before it committed. Text is decoded incrementally from the final prefix,
 holding back an incomplete UTF-8 character and anything that could still
 turn into a stop string. A stop string inside the final text ends the
 choice there (the engine request is aborted: nothing after it can matter).
+
+With ``stream_options.include_denoising`` a stream also carries, before each
+step's content, one ``denoising.step`` event per denoising step of each
+choice: what that step committed, where (positions relative to the generated
+part), as which tokens and text pieces, with the model's confidence.
 """
 from __future__ import annotations
 
@@ -37,6 +42,9 @@ class Choice:
     sent: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
     num_steps: int = 0
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in the generated part
+    num_denoised: int = 0  # denoising steps seen (outputs that committed)
+    block: int = 0  # index of the block the last step worked on
 
     def update(self, token_ids: list[int], decode) -> None:
         self.token_ids = token_ids
@@ -107,7 +115,10 @@ class OpenAIServing:
                 block_length=req.block_length if req.block_length is not None else cfg.default_block_length,
                 temperature=req.temperature if req.temperature is not None else 0.0,
                 top_k=req.top_k or 0, top_p=req.top_p if req.top_p is not None else 1.0,
-                cfg_scale=req.cfg_scale or 0.0, remasking=req.remasking or "low_confidence",
+                cfg_scale=req.cfg_scale or 0.0, remasking=req.remasking or cfg.default_remasking,
+                decoding=req.decoding or cfg.default_decoding,
+                threshold=req.threshold if req.threshold is not None else cfg.default_threshold,
+                factor=req.factor if req.factor is not None else 1.0,
                 seed=None if req.seed is None else (req.seed + choice) % 2**63,
             )
         except ValueError as e:
@@ -155,7 +166,7 @@ class OpenAIServing:
                     engine_reqs.append(self.engine.make_request(f"{resp_id}-{index}", prompt, params))
                 except ValueError as e:
                     raise APIError.bad_request(str(e)) from None
-                choices.append(Choice(index, len(prompt), req.stop_list()))
+                choices.append(Choice(index, len(prompt), req.stop_list(), blocks=list(engine_reqs[-1].blocks)))
         if self.engine.num_waiting + len(engine_reqs) > self.engine.max_queued_requests:
             raise APIError(429, "the server is at capacity: too many queued requests, retry later",
                            "rate_limit_error", None, "queue_full", {"Retry-After": "1"})
@@ -167,13 +178,15 @@ class OpenAIServing:
         return self.final_body(kind, resp_id, req, choices, started)
 
     # -- consuming engine outputs --------------------------------------------------------
-    async def _consume(self, choice: Choice, stream: AsyncIterator, on_update=None) -> None:
+    async def _consume(self, choice: Choice, stream: AsyncIterator, on_update=None, on_step=None) -> None:
         decode = self.tokenizer_decode
         try:
             async for out in stream:
                 choice.num_steps += 1
                 if out.finished and out.finish_reason == "error":
                     raise APIError(500, f"the request failed: {out.error}", "server_error", None, "internal_error")
+                if on_step is not None and out.committed is not None:
+                    await on_step(choice, out)
                 choice.update(out.token_ids, decode)
                 if out.finished and choice.finish_reason is None:
                     choice.finish_reason = out.finish_reason
@@ -193,6 +206,22 @@ class OpenAIServing:
     def tokenizer_decode(self, ids: list[int]) -> str:
         tok = self.engine.engine.tokenizer
         return tok.decode(ids) if tok is not None else ""
+
+    def denoising_event(self, resp_id: str, c: Choice, out) -> dict:
+        """The ``denoising.step`` event of one engine output that committed."""
+        positions, tokens = out.committed
+        offsets = [p - c.prompt_len for p in positions]
+        if offsets:  # a step commits only inside its block
+            c.block = next(b for b, (start, end) in enumerate(c.blocks) if start <= offsets[0] < end)
+        c.num_denoised += 1
+        tok = self.engine.engine.tokenizer
+        pieces = tok.token_pieces(tokens) if tok is not None else [None] * len(tokens)
+        confidences = out.confidences if out.confidences is not None else [None] * len(tokens)
+        committed = [{"position": p, "token": t, "text": piece, "confidence": None if conf is None else round(conf, 4)}
+                     for p, t, piece, conf in zip(offsets, tokens, pieces, confidences)]
+        return {"object": "denoising.step", "id": resp_id, "choice": c.index, "step": c.num_denoised,
+                "block": c.block, "num_blocks": len(c.blocks), "block_range": list(c.blocks[c.block]),
+                "gen_length": c.blocks[-1][1], "committed": committed}
 
     async def collect(self, choices: list[Choice], streams: list, raw_request) -> None:
         tasks = [asyncio.ensure_future(self._consume(c, s)) for c, s in zip(choices, streams)]
@@ -265,9 +294,15 @@ class OpenAIServing:
             if text or done:
                 await queue.put(chunk([piece(c, text, c.finish_reason if done else None)]))
 
+        async def on_step(c: Choice, out) -> None:
+            event = self.denoising_event(resp_id, c, out)
+            await queue.put(f"data: {json.dumps(event, ensure_ascii=False)}\n\n")
+
+        denoising = on_step if req.stream_options is not None and req.stream_options.include_denoising else None
+
         async def run_all() -> None:
             try:
-                await asyncio.gather(*(self._consume(c, s, on_update) for c, s in zip(choices, streams)))
+                await asyncio.gather(*(self._consume(c, s, on_update, denoising) for c, s in zip(choices, streams)))
                 await queue.put(None)
             except APIError as e:
                 await queue.put(e)

@@ -38,6 +38,45 @@ def test_disconnect_mid_stream_frees_the_request(live):
     assert live.metric('llada_request_success_total{finished_reason="abort"') >= 1
 
 
+def test_disconnects_at_random_points_leak_nothing(live):
+    """Streams of every decoding mode dropped after 0..6 events: the gauges
+    return to 0, the batch empties and every KV page is back in the pool."""
+    pages = live.engine.engine.scheduler.pages
+    rng = __import__("random").Random(0)
+    for i in range(8):
+        body = {**LONG, "max_tokens": 96, "steps": 96, "decoding": ["exact", "prefix_cache", "dual_cache"][i % 3],
+                "seed": i}
+        with httpx.stream("POST", live.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            stop_after, seen = rng.randrange(0, 7), 0
+            for line in r.iter_lines():
+                if seen >= stop_after:
+                    break
+                seen += line.startswith("data: {")
+    assert wait_for(lambda: live.metric("llada_num_requests_running") == 0
+                    and live.metric("llada_num_requests_waiting") == 0)
+    assert wait_for(lambda: not live.engine.engine.scheduler.running and pages.num_free == pages.num_pages)
+    assert not live.engine._streams and not live.engine._requests
+
+
+def test_slow_reader_does_not_block_others(live):
+    """A client that opens a stream and never reads it holds nothing up."""
+    sock = socket.create_connection(("127.0.0.1", int(live.url.rsplit(":", 1)[1])))
+    body = json.dumps({**LONG, "max_tokens": 128, "steps": 128}).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    try:
+        t0 = time.monotonic()
+        for i in range(4):
+            r = httpx.post(live.url + "/v1/completions",
+                           json={"prompt": [5, 6 + i], "max_tokens": 16, "block_length": 8}, timeout=30)
+            assert r.status_code == 200
+        assert time.monotonic() - t0 < 30
+    finally:
+        sock.close()
+    assert wait_for(lambda: live.metric("llada_num_requests_running") == 0)
+
+
 def test_overload_gets_429_and_nothing_hangs(text_ckpt):
     srv = start_server(text_ckpt, ServerConfig(max_queued_requests=2), SchedulerConfig(max_num_seqs=1))
     body = {"prompt": [5, 6, 7], "max_tokens": 32, "steps": 32, "block_length": 8}
@@ -113,7 +152,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_drains_then_exits_zero(text_ckpt):
+def test_sigterm_under_load_drains_then_exits_zero(text_ckpt):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(text_ckpt), "--port", str(port),
@@ -121,17 +160,40 @@ def test_sigterm_drains_then_exits_zero(text_ckpt):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert wait_for(lambda: _healthy(url), 90), "server did not start"
-        with httpx.stream("POST", url + "/v1/completions", json=LONG, timeout=60) as r:
-            lines = r.iter_lines()
-            first = next(l for l in lines if l.startswith("data: {"))
-            proc.send_signal(signal.SIGTERM)
-            assert wait_for(lambda: httpx.get(url + "/health").status_code == 503, 10)
-            late = httpx.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 4})
-            assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
-            rest = [first] + [l for l in lines if l]
-        assert rest[-1] == "data: [DONE]"
-        events = [json.loads(l[6:]) for l in rest if l.startswith("data: {")]
+        async def in_flight():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def plain(i):
+                    return await client.post(url + "/v1/completions", json={**LONG, "stream": False, "seed": i})
+
+                async def streamed():
+                    async with client.stream("POST", url + "/v1/completions", json=LONG) as r:
+                        lines = []
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {") and len(lines) == 0:
+                                proc.send_signal(signal.SIGTERM)  # mid-stream, with 3 more in flight
+                            if line:
+                                lines.append(line)
+                        return lines
+
+                return await asyncio.gather(streamed(), *(plain(i) for i in range(3)))
+
+        async def late_request():
+            await asyncio.sleep(0)
+            while True:
+                async with httpx.AsyncClient() as client:
+                    if (await client.get(url + "/health")).status_code == 503:
+                        return await client.post(url + "/v1/completions", json={"prompt": [5], "max_tokens": 4})
+                await asyncio.sleep(0.01)
+
+        async def scenario():
+            return await asyncio.gather(in_flight(), late_request())
+
+        (stream_lines, *plain), late = asyncio.run(scenario())
+        assert late.status_code == 503 and late.json()["error"]["code"] == "draining"
+        assert stream_lines[-1] == "data: [DONE]"
+        events = [json.loads(l[6:]) for l in stream_lines if l.startswith("data: {")]
         assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert [r.status_code for r in plain] == [200] * 3
         assert proc.wait(30) == 0
     finally:
         if proc.poll() is None:

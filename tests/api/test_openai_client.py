@@ -140,3 +140,12 @@ def test_batch_invariance_16_concurrent_streams(live, offline):
             gen_length=body["max_tokens"], steps=body["steps"], block_length=body["block_length"],
             temperature=body["temperature"], seed=body["seed"], remasking=body["remasking"]))[0]
         assert text == ref.text
+
+
+@pytest.mark.parametrize("knobs", [{"decoding": "dual_cache", "remasking": "threshold", "threshold": 0.5},
+                                   {"decoding": "prefix_cache", "remasking": "factor", "factor": 2.0}])
+def test_acceleration_knobs_equal_offline(client, offline, knobs):
+    out = client.completions.create(model=MODEL_NAME, prompt="in the beginning", max_tokens=16, seed=1,
+                                    extra_body={"block_length": 8, **knobs})
+    ref = offline.generate("in the beginning", DiffusionParams(gen_length=16, block_length=8, seed=1, **knobs))[0]
+    assert out.choices[0].text == ref.text
