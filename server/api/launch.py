@@ -70,25 +70,24 @@ def serve(args) -> int:
         return 2
     model_name = server_config.served_model_name or args.model
     metrics = Metrics(model_name)
-    server_box: list[DrainingServer] = []
-
-    def on_fatal(error: BaseException) -> None:
-        logger.error("engine failed (%s): exiting", error)
-        if server_box:
-            server_box[0].should_exit = True
 
     def make_engine():
         from server.engine.engine import LLMEngine
 
         return LLMEngine(model_config, scheduler_config)
 
-    engine = AsyncEngine(make_engine, metrics, server_config.max_queued_requests, on_fatal).start()
+    def on_fatal(error: BaseException) -> None:
+        logger.error("engine failed (%s): exiting", error)
+        server.should_exit = True
+
+    # The server exists before the engine thread starts, so a model that fails
+    # to load (or a loop that dies) always has a server to stop.
+    engine = AsyncEngine(make_engine, metrics, server_config.max_queued_requests, on_fatal)
     state = ServerState(engine, server_config, model_name)
-    app = build_app(state, metrics)
-    uv_config = uvicorn.Config(app, host=server_config.host, port=server_config.port,
+    uv_config = uvicorn.Config(build_app(state, metrics), host=server_config.host, port=server_config.port,
                                log_level=args.log_level, timeout_graceful_shutdown=5)
     server = DrainingServer(uv_config, state)
-    server_box.append(server)
+    engine.start()
     logger.info("serving %s on http://%s:%d%s", model_name, server_config.host, server_config.port,
                 " (playground at /)" if server_config.playground else "")
     server.run()

@@ -206,3 +206,12 @@ def _healthy(url: str) -> bool:
         return httpx.get(url + "/health").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_model_that_fails_to_load_exits_nonzero(tmp_path):
+    """The engine thread dies while loading: the process exits 1, saying why."""
+    (tmp_path / "config.json").write_text('{"architectures": ["LLaDAModelLM"]}')
+    proc = subprocess.run([sys.executable, "-m", "server", "--model", str(tmp_path), "--port", str(_free_port()),
+                           "--log-level", "warning"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "missing field(s) d_model" in proc.stderr
