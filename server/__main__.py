@@ -49,8 +49,10 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
     def flag(name: str, type_, default, help_: str) -> None:
-        p.add_argument(f"--{name}", type=type_, default=type_(_env_default(name, default))
-                       if _env_default(name, default) is not None else None, help=help_)
+        # An environment value is a string: argparse converts it with type_ as
+        # if it were given on the command line, so a bad one is a clear usage error.
+        env = "LLADA_SERVE_" + name.upper().replace("-", "_")
+        p.add_argument(f"--{name}", type=type_, default=_env_default(name, default), help=f"{help_} [{env}]")
 
     flag("served-model-name", str, None, "model name in the API (default: --model)")
     flag("host", str, "127.0.0.1", "address to listen on")
