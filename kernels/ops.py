@@ -1,7 +1,24 @@
 """The ops the model and sampler call. Each dispatches to its Triton kernel
-on CUDA tensors and to the torch twin in ``kernels.reference`` elsewhere;
-``set_backend`` forces one for tests and benchmarks."""
+(``kernels.attention``, ``kernels.unmask``) or to its torch twin in
+``kernels.reference``:
+
+- backend "auto" (default): Triton for CUDA tensors when triton is
+  installed, the twin otherwise (CPU, or no triton: it is an optional extra);
+- "triton": always the kernels (tests run them on CPU tensors under
+  ``TRITON_INTERPRET=1``); a clear error if triton is missing;
+- "torch": always the twins.
+float64 inputs always take the twin: the kernels compute in float32 and
+float64 runs exist to match the reference exactly.
+
+Importing this module never imports triton; the kernel modules are loaded on
+first use.
+"""
 from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
 
 from kernels import reference
 
@@ -20,13 +37,67 @@ def get_backend() -> str:
     return _backend
 
 
-def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs):
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """Whether an op on tensor x runs its Triton kernel."""
+    if _backend == "torch" or x.dtype == torch.float64:
+        return False
+    if _backend == "triton":
+        if not triton_available():
+            raise ModuleNotFoundError("kernel backend 'triton' needs the triton package "
+                                      "(pip install 'llada-serve[triton]')")
+        return True
+    return x.is_cuda and triton_available()
+
+
+def varlen_attention(
+    q: torch.Tensor,  # (num_q_tokens, num_heads, head_dim)
+    k: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
+    v: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
+    cu_seqlens_q: list[int],  # (num_seqs + 1,) query starts
+    cu_seqlens_k: list[int],  # (num_seqs + 1,) current key starts
+    **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale: see kernels.reference
+) -> torch.Tensor:
+    if _use_triton(q):
+        from kernels import attention
+        return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
 
 
-def unmask_scores(logits, temperature, seed, row_offset, **kwargs):
+def unmask_scores(
+    logits: torch.Tensor,  # (num_rows, vocab)
+    temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy
+    seed: torch.Tensor,  # (num_rows,) int64
+    row_offset: torch.Tensor,  # (num_rows,) int64
+    **kwargs,  # banned_ids, with_margin, with_entropy: see kernels.reference
+) -> dict[str, torch.Tensor]:
+    if _use_triton(logits):
+        from kernels import unmask
+        return unmask.unmask_scores(logits, temperature, seed, row_offset, **kwargs)
     return reference.unmask_scores(logits, temperature, seed, row_offset, **kwargs)
 
 
-def select_commits(confidence, row_seq, quota, threshold=None):
-    return reference.select_commits(confidence, row_seq, quota, threshold)
+def select_commits(
+    confidence: torch.Tensor,  # (num_rows,) float32
+    row_seq: torch.Tensor,  # (num_rows,) int64 row -> sequence index
+    quota: torch.Tensor,  # (num_seqs,) int64
+    threshold: torch.Tensor | None = None,  # (num_seqs,) float32; > 0 selects the threshold rule
+    canvas: torch.Tensor | None = None,  # contiguous token ids, written in place when given
+    positions: torch.Tensor | None = None,  # (num_rows,) int64 row -> flat index into canvas
+    x0: torch.Tensor | None = None,  # (num_rows,) int64 row -> predicted token
+) -> torch.Tensor:
+    """(num_rows,) bool rows to commit; with ``canvas`` also writes the
+    committed rows' x0 into it (``reference.commit_to_canvas``)."""
+    if _use_triton(confidence):
+        from kernels import unmask
+        return unmask.select_commits(confidence, row_seq, quota, threshold, canvas, positions, x0)
+    commit = reference.select_commits(confidence, row_seq, quota, threshold)
+    if canvas is not None:
+        if positions is None or x0 is None:
+            raise ValueError("writing the canvas needs positions and x0")
+        reference.commit_to_canvas(canvas, positions, x0, commit)
+    return commit

@@ -181,3 +181,16 @@ def select_commits(
     commit = torch.zeros(num_rows, dtype=torch.bool, device=confidence.device)
     commit[order] = take
     return commit
+
+
+def commit_to_canvas(
+    canvas: torch.Tensor,  # any shape, contiguous token ids; written in place
+    positions: torch.Tensor,  # (num_rows,) int64 row -> flat index into canvas
+    x0: torch.Tensor,  # (num_rows,) int64 row -> predicted token
+    commit: torch.Tensor,  # (num_rows,) bool rows to commit
+) -> torch.Tensor:
+    """canvas.view(-1)[positions[r]] = x0[r] for every committed row r, in
+    place and without host synchronisation. Returns canvas."""
+    flat = canvas.view(-1)
+    flat.index_put_((positions,), torch.where(commit, x0.to(canvas.dtype), flat[positions]))
+    return canvas

@@ -11,6 +11,8 @@ from kernels import attention, ops, reference  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}  # atol = rtol
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+          pytest.param(torch.bfloat16, id="bf16", marks=[pytest.mark.gpu, requires_cuda])]
 
 
 def make_batch(device, dtype, q_lens, k_lens=None, cache_lens=None, num_heads=2, num_kv_heads=2,
@@ -65,12 +67,16 @@ CASES = {  # name -> make_batch arguments and launch overrides
     "paged_prefix_split": dict(q_lens=[4, 32, 1], cache_lens=[40, 0, 100], num_heads=4, num_kv_heads=2,
                                launch=dict(block_m=16, block_n=16, num_splits=3)),
     "page_64": dict(q_lens=[3, 6], cache_lens=[130, 5], page_size=64, launch=dict(num_splits=2)),
+    "page_smaller_than_tile": dict(q_lens=[3, 6], cache_lens=[45, 8], page_size=8, launch=dict(block_n=32)),
+    "page_of_odd_size": dict(q_lens=[2, 9], cache_lens=[50, 24], page_size=24, launch=dict(num_splits=2)),
     "head_dim_128": dict(q_lens=[3], cache_lens=[20], num_heads=2, num_kv_heads=1, head_dim=128),
     "head_dim_256": dict(q_lens=[2], num_heads=1, num_kv_heads=1, head_dim=256),
+    "head_dim_8_padded": dict(q_lens=[6, 3], cache_lens=[20, 0], head_dim=8, launch=dict(num_splits=2)),
+    "head_dim_80_padded": dict(q_lens=[5], num_heads=2, num_kv_heads=1, head_dim=80),
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_twin(case, dtype, device):
     spec = dict(CASES[case])
@@ -99,19 +105,21 @@ def test_launcher_rejects_bad_inputs(device):
         attention.varlen_attention(q, k, v, cu_q[:-1], cu_k)
     with pytest.raises(ValueError, match="block_table"):
         attention.varlen_attention(q, k, v, cu_q, cu_k, **{**cache, "block_table": cache["block_table"].long()})
+    big = torch.zeros(7, 2, 264, device=device)
     with pytest.raises(ValueError, match="head_dim"):
-        attention.varlen_attention(q[..., :12], k[..., :12], v[..., :12], cu_q, cu_k)
+        attention.varlen_attention(big, big, big, cu_q, cu_k)
+    with pytest.raises(ValueError, match="contiguous"):
+        attention.varlen_attention(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, cu_q, cu_k)
 
 
 def test_dispatch(device, monkeypatch):
     args, _ = make_batch(device, torch.float32, [3, 5])
     q = args[0]
-    ops.set_backend("auto")
-    assert ops._use_triton(q) == (q.is_cuda and ops.triton_available())
-    assert not ops._use_triton(q.double())  # float64 is for the twin
-    ops.set_backend("torch")
-    assert not ops._use_triton(q)
     try:
+        assert ops._use_triton(q) == (q.is_cuda and ops.triton_available())  # "auto"
+        assert not ops._use_triton(q.double())  # float64 is for the twin
+        ops.set_backend("torch")
+        assert not ops._use_triton(q)
         ops.set_backend("triton")
         assert ops._use_triton(q)
         torch.testing.assert_close(ops.varlen_attention(*args), reference.varlen_attention(*args),
@@ -119,10 +127,10 @@ def test_dispatch(device, monkeypatch):
         monkeypatch.setattr(ops, "triton_available", lambda: False)
         with pytest.raises(ModuleNotFoundError, match="triton"):
             ops.varlen_attention(*args)
+        with pytest.raises(ValueError, match="backend"):
+            ops.set_backend("cuda")
     finally:
         ops.set_backend("auto")
-    with pytest.raises(ValueError, match="backend"):
-        ops.set_backend("cuda")
 
 
 @pytest.mark.gpu

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels import ops, reference, unmask  # noqa: E402
+from kernels import reference, unmask  # noqa: E402
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 TOLERANCE = 2e-5  # on the float32 outputs, whatever the logits' dtype
@@ -50,7 +50,10 @@ CASES = {  # name -> make_rows arguments, banned ids and launch overrides
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [
+    pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16", marks=[pytest.mark.gpu, requires_cuda]),
+])
 @pytest.mark.parametrize("case", list(CASES))
 def test_scores_match_twin(case, dtype, device):
     spec = dict(CASES[case])
