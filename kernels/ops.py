@@ -60,9 +60,9 @@ def varlen_attention(
     v: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
     cu_seqlens_q: list[int],  # (num_seqs + 1,) query starts
     cu_seqlens_k: list[int],  # (num_seqs + 1,) current key starts
-    **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale: see kernels.reference
+    **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale, causal_block, positions: see kernels.reference
 ) -> torch.Tensor:
-    if _use_triton(q):
+    if _use_triton(q) and not kwargs.get("causal_block"):  # the kernel is non-causal only
         from kernels import attention
         return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)

@@ -125,11 +125,18 @@ def varlen_attention(
     block_table: torch.Tensor | None = None,  # (num_seqs, max_pages) int32 page ids
     cache_seqlens: list[int] | None = None,  # seq -> number of cached keys
     scale: float | None = None,
+    causal_block: int = 0,  # > 0: block-causal attention over blocks of this many positions
+    positions: torch.Tensor | None = None,  # (num_q_tokens,) canvas positions (block-causal only)
 ) -> torch.Tensor:
     """Non-causal attention over a ragged batch: the queries of sequence i
     attend to its cached keys (if any) and to its current keys, all of them
     (no causal mask: LLaDA is bidirectional). Returns (num_q_tokens,
-    num_heads, head_dim) in q's dtype."""
+    num_heads, head_dim) in q's dtype.
+
+    With ``causal_block`` (block-causal models such as LLaDA2), a query at
+    position p sees a key at position j only if j // causal_block <=
+    p // causal_block; queries and current keys are the same tokens, and
+    cached keys are the sequence's positions [0, cache_seqlens[i])."""
     num_heads, num_kv_heads = q.shape[1], k.shape[1]
     out = torch.empty_like(q)
     for i in range(len(cu_seqlens_q) - 1):
@@ -142,11 +149,17 @@ def varlen_attention(
             pages = block_table[i, : (n + page_size - 1) // page_size].long()
             ks = torch.cat([k_cache[pages].flatten(0, 1)[:n], ks])
             vs = torch.cat([v_cache[pages].flatten(0, 1)[:n], vs])
+        mask = None
+        if causal_block:
+            q_pos = positions[q0:q1]
+            n = len(ks) - (k1 - k0)
+            k_pos = torch.cat([torch.arange(n, device=q_pos.device), positions[k0:k1]])
+            mask = (k_pos[None, :] // causal_block) <= (q_pos[:, None] // causal_block)
         qh, kh, vh = q[q0:q1].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1)
         if num_kv_heads != num_heads:
             group = num_heads // num_kv_heads
             kh, vh = kh.repeat_interleave(group, 0), vh.repeat_interleave(group, 0)
-        o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], scale=scale)
+        o = F.scaled_dot_product_attention(qh[None], kh[None], vh[None], attn_mask=mask, scale=scale)
         out[q0:q1] = o[0].transpose(0, 1)
     return out
 

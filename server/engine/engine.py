@@ -60,6 +60,9 @@ class LLMEngine:
     def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
         """A validated request, ready for ``add_request`` (raises ValueError)."""
         self.check_prompt(prompt_ids, params)
+        if params.decoding == "dual_cache" and self.model.config.block_causal_size:
+            raise ValueError("decoding: dual_cache is not available for block-causal models "
+                             "(their prefix_cache is exact: use that)")
         req = Request(req_id, list(prompt_ids), params, self.mask_id, self.stop_ids)
         self.scheduler.check_fits(req)
         return req

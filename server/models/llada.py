@@ -47,6 +47,9 @@ class LLaDAConfig:
     pad_token_id: int | None = 126081
     torch_dtype: str | None = None
     weight_tying: bool = False
+    # > 0: block-causal attention (LLaDA2-style: causal across blocks of this
+    # many positions, bidirectional inside), for which the prefix cache is exact.
+    block_causal_size: int = 0
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     # Reference features this implementation does not have: refuse rather than
@@ -200,15 +203,18 @@ class LLaDAModel(nn.Module):
         with a write slot store their keys/values, and sequence i's queries
         also attend to its first ``cache.cache_seqlens[i]`` cached keys.
         Returns logits (len(logits_indices) or num_tokens, embedding_size)."""
+        causal = {}
+        if self.config.block_causal_size:
+            causal = {"causal_block": self.config.block_causal_size, "positions": positions}
         if cache is None:
             def attend(layer, q, k, v):
-                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens)
+                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, **causal)
         else:
             def attend(layer, q, k, v):
                 cache.write(layer, k, v)
                 return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, k_cache=cache.cache.k[layer],
                                             v_cache=cache.cache.v[layer], block_table=cache.block_table,
-                                            cache_seqlens=cache.cache_seqlens)
+                                            cache_seqlens=cache.cache_seqlens, **causal)
 
         return self._run(input_ids, positions, attend, logits_indices)
 
@@ -219,6 +225,10 @@ class LLaDAModel(nn.Module):
         bias = None
         if attention_mask is not None and not bool(attention_mask.all()):
             bias = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, length) keys kept
+        if self.config.block_causal_size:
+            blocks = torch.arange(length, device=input_ids.device) // self.config.block_causal_size
+            causal = blocks[None, :] <= blocks[:, None]  # (length, length) query -> keys seen
+            bias = causal[None, None] if bias is None else bias & causal[None, None]
         positions = torch.arange(length, device=input_ids.device).repeat(batch)
 
         def attend(layer, q, k, v):

@@ -8,6 +8,7 @@ import torch
 from sampler.params import DiffusionParams
 from server.engine.llm import LLM
 from server.models.kv_cache import CacheView, PagedKVCache
+from sampler.reference import generate
 from server.models.loader import load_model
 
 PROMPT = [204, 68, 268, 43, 100, 190, 179, 266, 147, 12, 244, 58]
@@ -116,3 +117,39 @@ def test_pages_bound_admission(golden_dir):
     while llm.engine.has_unfinished():
         llm.engine.step()
     assert sched.pages.num_free == 3
+
+
+def test_prefix_cache_is_exact_for_block_causal_models(tmp_path):
+    """Block-causal attention (causal across 8-token blocks): the prefix never
+    sees what follows it, so caching its keys changes nothing. Decoding
+    blocks aligned with attention blocks, prefix_cache equals exact, which
+    equals the reference sampler on the same model."""
+    from tests.conftest import make_random_checkpoint
+
+    ckpt = make_random_checkpoint(tmp_path / "bc", block_causal_size=8, vocab_size=64)
+    llm = LLM(str(ckpt), dtype="float64", device="cpu")
+    prompt = list(range(1, 17))  # two attention blocks
+    for kw in (dict(temperature=0.0), dict(temperature=1.0, seed=3), dict(remasking="threshold", threshold=0.3)):
+        params = dict(gen_length=24, steps=24, block_length=8, **kw)
+        exact = llm.generate([prompt], DiffusionParams(**params))[0]
+        cached = llm.generate([prompt], DiffusionParams(**params, decoding="prefix_cache"))[0]
+        assert cached.token_ids == exact.token_ids
+    ref = generate(llm.engine.model.forward_dense, torch.tensor([prompt]), None, steps=24, gen_length=24,
+                   block_length=8, mask_id=63)[0, 16:].tolist()
+    first_stop = next((i for i, t in enumerate(ref) if t == 62), len(ref))
+    assert llm.generate([prompt], DiffusionParams(gen_length=24, steps=24, block_length=8))[0].token_ids == ref[:first_stop]
+    # And on a bidirectional model the same comparison differs: the cache is an approximation there.
+    bidir = LLM(str(make_random_checkpoint(tmp_path / "bi", vocab_size=64)), dtype="float64", device="cpu")
+    differs = [bidir.generate([prompt], DiffusionParams(gen_length=24, steps=24, block_length=8, seed=s, temperature=1.0,
+                                                        decoding=d))[0].token_ids for s in range(3)
+               for d in ("exact", "prefix_cache")]
+    assert any(differs[i] != differs[i + 1] for i in range(0, 6, 2))
+
+
+def test_dual_cache_refused_for_block_causal(tmp_path):
+    from tests.conftest import make_random_checkpoint
+
+    llm = LLM(str(make_random_checkpoint(tmp_path / "bc", block_causal_size=8)), device="cpu")
+    import pytest
+    with pytest.raises(ValueError, match="decoding: dual_cache is not available for block-causal models"):
+        llm.generate([[1, 2, 3]], DiffusionParams(gen_length=8, block_length=8, decoding="dual_cache"))
