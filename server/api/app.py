@@ -5,6 +5,11 @@ Every error is ``{"error": {"message", "type", "param", "code"}}``: invalid
 fields 400 (FastAPI's 422 replaced) naming ``param``, unknown model 404, bad
 or missing key 401, oversized body 413, full queue 429 with ``Retry-After``,
 loading/draining/dead engine 503.
+
+Unless ``ServerConfig.playground`` is off, ``/`` serves the playground: one
+static page (``static/``: HTML, CSS, JS; no build step, nothing fetched from
+elsewhere) that chats with the model and draws the denoising live from the
+``include_denoising`` stream.
 """
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import re
 import logging
 import time
 import uuid
+from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
@@ -25,6 +31,16 @@ from server.api.protocol import ChatCompletionRequest, CompletionRequest, Detoke
 from server.api.serving import OpenAIServing
 
 logger = logging.getLogger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+# name -> media type of the playground's files under /playground/
+_PLAYGROUND_ASSETS = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+# The page loads only its own files and talks only to this server.
+_PLAYGROUND_HEADERS = {
+    "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+}
 
 
 _FIELD_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -230,5 +246,17 @@ def build_app(state: ServerState, metrics) -> FastAPI:
     @app.get("/metrics")
     async def metrics_route():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if cfg.playground:
+        @app.get("/", include_in_schema=False)
+        async def playground():
+            return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8",
+                                headers=_PLAYGROUND_HEADERS)
+
+        @app.get("/playground/{name}", include_in_schema=False)
+        async def playground_asset(name: str):
+            if name not in _PLAYGROUND_ASSETS:
+                raise StarletteHTTPException(404, "Not Found")
+            return FileResponse(STATIC / name, media_type=_PLAYGROUND_ASSETS[name], headers=_PLAYGROUND_HEADERS)
 
     return BodyLimit(app, cfg.max_body_bytes)

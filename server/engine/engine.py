@@ -89,7 +89,9 @@ class LLMEngine:
             result = RunnerOutput()
             for seq in sched.seqs:
                 try:
-                    result.commits.update(self.runner.execute(SchedulerOutput(seqs=[seq])).commits)
+                    alone = self.runner.execute(SchedulerOutput(seqs=[seq]))
+                    result.commits.update(alone.commits)
+                    result.confidences.update(alone.confidences)
                 except Exception as e:
                     logger.exception("request %s failed in the model runner", seq.req_id)
                     failed.append(self._fail(seq.req_id, e))

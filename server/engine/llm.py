@@ -27,6 +27,7 @@ class GenerationOutput:
     text: str | None  # None when the checkpoint has no tokenizer
     finish_reason: str  # "stop" (EOS/EoT) or "length"
     num_steps: int  # forward passes this request took
+    num_committed: int  # canvas positions committed when it finished (early stop leaves some masked)
 
 
 class LLM:
@@ -95,5 +96,7 @@ class LLM:
         for rid, ids in zip(req_ids, prompt_ids):
             out, req = results[rid], requests[rid]
             text = self.tokenizer.decode(out.token_ids) if self.tokenizer is not None else None
-            outputs.append(GenerationOutput(ids, out.token_ids, text, out.finish_reason, req.num_forward_steps))
+            committed = sum(t != req.mask_id for t in req.canvas[req.prompt_len:])
+            outputs.append(GenerationOutput(ids, out.token_ids, text, out.finish_reason, req.num_forward_steps,
+                                            committed))
         return outputs

@@ -1,0 +1,228 @@
+"""The playground page at ``/``, end to end in a real headless Chromium
+(Debian's ``chromium``, driven by Playwright's Python package; no browser
+download): type, send, watch masked boxes turn into tokens, and get exactly
+the API's answer for the same seed. Without the browser these tests FAIL:
+.ci/run installs it.
+
+The engine is held at chosen steps (the server runs in this process) so the
+page can be checked, and photographed into ``docs/playground.png``, while the
+answer is still being denoised."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.config import ServerConfig
+from tests.api.conftest import start_server
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
+KNOBS = {"max_tokens": 24, "steps": 24, "block_length": 8, "temperature": 0.7}
+FIELD_IDS = {"max_tokens": "#max-tokens", "steps": "#steps", "block_length": "#block-length",
+             "temperature": "#temperature", "seed": "#seed"}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("the playground browser test needs Playwright's Python package: pip install playwright")
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"the playground browser test needs Chromium at {CHROMIUM}: apt-get install -y chromium")
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class StepGate:
+    """Holds the engine loop before chosen engine steps until released."""
+
+    def __init__(self, engine, holds: list[int]):
+        self.engine, self.real = engine, engine.step
+        self.count = 0
+        self.reached = {k: threading.Event() for k in holds}
+        self.go = {k: threading.Event() for k in holds}
+        engine.step = self.step
+
+    def step(self):
+        if self.count in self.reached:
+            self.reached[self.count].set()
+            self.go[self.count].wait(60)
+        self.count += 1
+        return self.real()
+
+    def wait(self, k: int) -> None:
+        assert self.reached[k].wait(60), f"the engine never reached step {k}"
+
+    def release(self, k: int) -> None:
+        self.go[k].set()
+
+    def remove(self) -> None:
+        for go in self.go.values():
+            go.set()
+        del self.engine.step  # back to the class's method
+
+
+def chat(live, messages: list[dict], seed: int, stream: bool = False):
+    body = {**KNOBS, "messages": messages, "seed": seed}
+    if not stream:
+        r = httpx.post(live.url + "/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+    body.update(stream=True, stream_options={"include_denoising": True})
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    return [e for e in events if e.get("object") == "denoising.step"]
+
+
+def counts(page) -> tuple[int, int]:
+    """(masked, committed) boxes on the canvas now."""
+    return tuple(page.evaluate("[document.querySelectorAll('#canvas .tok.masked').length,"
+                               " document.querySelectorAll('#canvas .tok.committed').length]"))
+
+
+def test_page_and_assets_are_served(live):
+    page = httpx.get(live.url + "/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert 'src="/playground/app.js"' in page.text and "http" not in page.text.split("<body>")[1]
+    for name, kind in (("app.js", "text/javascript"), ("style.css", "text/css")):
+        r = httpx.get(f"{live.url}/playground/{name}")
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind)
+        assert "http://" not in r.text and "https://" not in r.text  # nothing from elsewhere: works offline
+    assert httpx.get(live.url + "/playground/../app.py").status_code == 404
+    assert httpx.get(live.url + "/playground/index.html").status_code == 404
+    assert "/" not in httpx.get(live.url + "/openapi.json").json()["paths"]
+
+
+def test_no_playground(text_ckpt, monkeypatch):
+    from server.__main__ import build_parser
+
+    assert build_parser().parse_args(["serve", "--model", "m", "--no-playground"]).no_playground
+    assert not build_parser().parse_args(["serve", "--model", "m"]).no_playground
+    monkeypatch.setenv("LLADA_SERVE_NO_PLAYGROUND", "1")
+    assert build_parser().parse_args(["serve", "--model", "m"]).no_playground
+    srv = start_server(text_ckpt, ServerConfig(playground=False))
+    try:
+        r = httpx.get(srv.url + "/")
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+        assert httpx.get(srv.url + "/playground/app.js").status_code == 404
+        assert httpx.get(srv.url + "/health").status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_chat_in_the_browser_shows_the_denoising_and_equals_the_api(live, browser):
+    # A seed whose answer is not empty, and how many steps it takes.
+    prompt = "in the beginning"
+    seed = next(s for s in range(20) if chat(live, [{"role": "user", "content": prompt}], s).strip())
+    expected = chat(live, [{"role": "user", "content": prompt}], seed)
+    num_steps = len(chat(live, [{"role": "user", "content": prompt}], seed, stream=True))
+    middle = num_steps // 2
+    assert 2 <= middle < num_steps
+
+    page = browser.new_page(viewport={"width": 1100, "height": 820})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.goto(live.url + "/")
+    page.wait_for_function("() => document.body.dataset.state === 'idle'")
+    page.wait_for_function("() => document.getElementById('model').textContent.includes('llada-test')")
+    unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
+        .filter(el => !(el.labels && el.labels.length)).map(el => el.id)""")
+    assert unlabelled == []
+    for field, value in {**KNOBS, "seed": seed}.items():
+        page.fill(FIELD_IDS[field], str(value))
+
+    gate = StepGate(live.engine.engine, [0, middle])
+    try:
+        page.fill("#prompt", prompt)
+        page.press("#prompt", "Enter")  # the keyboard sends
+        gate.wait(0)  # the request is in the engine, nothing committed yet
+        page.wait_for_function("() => document.body.dataset.state === 'running'")
+        assert counts(page) == (24, 0)
+        assert page.locator("#canvas .block").count() == 3
+        gate.release(0)
+        gate.wait(middle)  # `middle` steps done, the rest held
+        page.wait_for_function(f"() => document.querySelectorAll('#canvas .tok.committed').length === {middle}")
+        masked, committed = counts(page)
+        assert masked == 24 - middle and committed == middle
+        assert page.locator("#canvas .tok.newest").count() == 1  # one token a step: the newest is highlighted
+        assert page.locator("#canvas .block.current").count() == 1
+        assert page.locator("#stop").is_enabled() and page.locator("#send").is_disabled()
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        page.screenshot(path=str(SCREENSHOT))
+        gate.release(middle)
+        page.wait_for_function("() => document.body.dataset.state === 'done'", timeout=60_000)
+    finally:
+        gate.remove()
+
+    assert page.inner_text("#answer") == expected
+    assert page.locator("#log .msg.assistant .text").last.inner_text() == expected
+    stats = page.inner_text("#stats")
+    assert f"{num_steps} steps" in stats and "tokens/s" in stats
+    assert counts(page) == (24 - num_steps, num_steps)  # one token a step
+    # Replay: back to before the first step with the keyboard, then forward again.
+    slider = page.locator("#replay")
+    assert slider.is_enabled() and slider.get_attribute("max") == str(num_steps)
+    slider.focus()
+    page.keyboard.press("Home")
+    assert counts(page) == (24, 0) and page.inner_text("#replay-out") == f"step 0 of {num_steps}"
+    page.keyboard.press("ArrowRight")
+    assert counts(page) == (23, 1) and page.inner_text("#replay-out") == f"step 1 of {num_steps}"
+    assert page.locator("#canvas .tok.newest").count() == 1
+    page.keyboard.press("End")
+    assert counts(page)[1] == num_steps
+
+    # A second turn carries the history.
+    second = "and the earth"
+    expected2 = chat(live, [{"role": "user", "content": prompt}, {"role": "assistant", "content": expected},
+                            {"role": "user", "content": second}], seed)
+    page.fill("#prompt", second)
+    page.click("#send")
+    page.wait_for_function("() => document.body.dataset.state === 'done' && "
+                           "document.querySelectorAll('#log .msg.assistant:not(.pending)').length === 2",
+                           timeout=60_000)
+    assert page.inner_text("#answer") == expected2
+    assert page.locator("#log .msg").count() == 4
+
+    # Phone width: nothing wider than the screen.
+    page.set_viewport_size({"width": 375, "height": 740})
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    assert errors == []
+    page.close()
+
+
+def test_errors_are_shown(live, browser):
+    page = browser.new_page()
+    page.goto(live.url + "/")
+    page.fill("#max-tokens", "100000")
+    page.fill("#steps", "")
+    page.fill("#prompt", "hello")
+    page.click("#send")
+    page.wait_for_function("() => document.body.dataset.state === 'error'")
+    assert "max_tokens" in page.inner_text("#error") and "exceeds" in page.inner_text("#error")
+    assert page.locator("#log .msg.failed").count() == 1
+    page.close()
+
+
+def test_knobs_follow_the_servers_schema(live, browser):
+    page = browser.new_page()
+    page.goto(live.url + "/")
+    remasking = httpx.get(live.url + "/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"][
+        "properties"]["remasking"]["description"].split(" | ")
+    page.wait_for_function(f"() => document.querySelectorAll('#remasking option').length === {len(remasking)}")
+    assert page.eval_on_selector_all("#remasking option", "os => os.map(o => o.value)") == remasking
+    assert page.locator("#threshold").is_hidden()
+    page.select_option("#remasking", "threshold")
+    assert page.locator("#threshold").is_visible() and page.locator("#factor").is_hidden()
+    page.close()
