@@ -3,8 +3,8 @@ reference sampler, on the demo model's eval tasks, in one process.
 
     python benchmarks/bench_decoding.py [--model M] --gen-length 256 --block-length 32 --json out.json [--quick]
 
-Rows: ``reference`` (sampler/reference.py: LLaDA's generate(), batched with
-left padding as the original supports, every step over the whole canvas),
+Rows: ``reference`` (sampler/reference.py: LLaDA's generate(), batched by
+prompt length, every step over the whole canvas),
 then the engine in each decoding mode (exact, prefix_cache, dual_cache) with
 each commit rule (low_confidence with one token per step, threshold,
 factor). Columns: tokens/s (answer tokens returned, up to EOS, over wall
@@ -36,25 +36,27 @@ MODES = ("exact", "prefix_cache", "dual_cache")
 
 
 def run_reference(llm, items: dict[str, list], gen: int, block: int, batch: int) -> tuple[list[str], float, int, int]:
-    """The reference sampler over every item, in left-padded batches."""
+    """The reference sampler over every item, batched by prompt length (no
+    padding, so its float rounding is the engine's and answers compare exactly)."""
     tok, model, engine = llm.tokenizer, llm.engine.model, llm.engine
     flat = [item for its in items.values() for item in its]
     prompts = [tok.encode_chat(item.messages()) for item in flat]
-    texts, generated, steps = [], 0, 0
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    texts, generated, steps = [""] * len(prompts), 0, 0
     t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        width = max(map(len, chunk))
-        pad = engine.raw_config.get("pad_token_id", 0)
-        x = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        out = generate(model.forward_dense, x, mask, steps=gen, gen_length=gen, block_length=block,
-                       mask_id=engine.mask_id)
-        for row in out[:, width:].tolist():
-            end = next((j for j, t in enumerate(row) if t in engine.stop_ids), len(row))
-            texts.append(tok.decode(row[:end]))
-            generated += end
-        steps += gen * len(chunk)
+    for indices in by_length.values():
+        for j in range(0, len(indices), batch):
+            chunk = indices[j:j + batch]
+            x = torch.tensor([prompts[i] for i in chunk])
+            out = generate(model.forward_dense, x, None, steps=gen, gen_length=gen, block_length=block,
+                           mask_id=engine.mask_id)
+            for i, row in zip(chunk, out[:, x.shape[1]:].tolist()):
+                end = next((k for k, t in enumerate(row) if t in engine.stop_ids), len(row))
+                texts[i] = tok.decode(row[:end])
+                generated += end
+            steps += gen * len(chunk)
     return texts, time.perf_counter() - t0, generated, steps
 
 

@@ -57,6 +57,10 @@ def main() -> None:
         llm = LLM(tmp, dtype="float32", device="cpu", max_num_seqs=64)
     model, mask_id = llm.engine.model, llm.engine.mask_id
     params = DiffusionParams(gen_length=gen, block_length=block, steps=steps, seed=0)
+    # Warm both paths up (allocator, BLAS, tables) so neither pays first-call costs in the timing.
+    warm = torch.randint(0, vocab - 2, (1, prompt_len))
+    generate(model.forward_dense, warm, None, steps=block, gen_length=block, block_length=block, mask_id=mask_id)
+    llm.generate([warm[0].tolist()], DiffusionParams(gen_length=block, block_length=block, steps=block, seed=0))
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         prompts = torch.randint(0, vocab - 2, (batch, prompt_len))

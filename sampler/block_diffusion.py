@@ -31,6 +31,8 @@ class StepRows:
     threshold: torch.Tensor  # (num_seqs,) float32 threshold-rule tau; 0 = not that rule
     factor: torch.Tensor  # (num_seqs,) float32 factor-rule f; 0 = not that rule
     remasking: list[str]  # sequence -> strategy name
+    any_filter: bool  # some row samples with top-k / top-p (known on the host: no sync)
+    any_factor: bool  # some sequence uses the factor rule
 
     @classmethod
     def build(
@@ -68,6 +70,10 @@ class StepRows:
                                  for f, r in zip(factors or [0.0] * len(counts), remasking)],
                                 dtype=torch.float32, device=device),
             remasking=remasking,
+            any_filter=any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
+                           for t, k, p in zip(temperatures, top_ks or [0] * len(counts),
+                                              top_ps or [1.0] * len(counts))),
+            any_factor=any(REMASKING[r].rule == "factor" for r in remasking),
         )
 
 
@@ -116,12 +122,13 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
     remasking strategy ranked by).
 
     top-k / top-p restrict which token is sampled (rows with temperature > 0);
-    the confidence stays the model's own probability of that token."""
+    the probability confidence stays the model's own probability of that
+    token, while margin and entropy are those of the filtered distribution."""
     names = sorted(set(rows.remasking))
     needs = {"with_margin": any(REMASKING[n].needs_margin for n in names),
              "with_entropy": any(REMASKING[n].needs_entropy for n in names)}
-    filtered = (rows.temperature > 0) & ((rows.top_k > 0) | (rows.top_p < 1))
-    if bool(filtered.any()):
+    if rows.any_filter:
+        filtered = (rows.temperature > 0) & ((rows.top_k > 0) | (rows.top_p < 1))
         idx = filtered.nonzero().squeeze(1)
         sampling_logits = logits.clone()
         sampling_logits[idx] = top_k_top_p_filter(logits[idx], rows.top_k[idx], rows.top_p[idx])
@@ -141,7 +148,7 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
             confidence = torch.where(kind == k, REMASKING[n].confidence(scores).to(confidence.dtype), confidence)
     confidence = confidence.float()
     quota = rows.quota
-    if bool((rows.factor > 0).any()):
+    if rows.any_factor:
         quota = torch.where(rows.factor > 0, factor_quota(confidence, rows.row_seq, rows.factor), quota)
     commit = ops.select_commits(confidence, rows.row_seq, quota, rows.threshold)
     return scores["x0"], commit, scores["prob"].float()

@@ -53,8 +53,8 @@ class DiffusionParams:
               f"block_length {self.block_length}); use at least one step per block")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, "temperature",
               f"must be a number in [0, 100], got {self.temperature!r}")
-        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and self.top_k >= -1, "top_k",
-              f"must be an integer >= -1 (0 or -1: no limit), got {self.top_k!r}")
+        check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and -1 <= self.top_k < 2**31, "top_k",
+              f"must be an integer in [-1, 2**31) (0 or -1: no limit), got {self.top_k!r}")
         check(isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
               f"must be a number in (0, 1], got {self.top_p!r}")
         check(isinstance(self.cfg_scale, (int, float)) and 0 <= self.cfg_scale <= 100, "cfg_scale",

@@ -2,7 +2,7 @@
 (ML-GSAI/LLaDA, generate.py), the oracle the batched engine is tested
 against and the baseline benchmarks compare to.
 
-Three departures, each documented:
+Four departures, each documented:
 - randomness: instead of the global ``torch.rand`` the noise is drawn from
   the project's counter-based generator (``kernels.reference.philox_uniform``
   via ``sampler.schedule.step_seed``), so the reference and the engine draw

@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # torch-free at import: the API validates names without torch
 
 @dataclass(frozen=True)
 class Remasking:
-    name: str
     confidence: Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"]  # unmask scores -> (num_rows,)
     rule: str = "quota"  # quota | threshold | factor
     needs_uniform: bool = False  # wants scores["uniform"], a per-row U[0, 1) draw
@@ -39,13 +38,13 @@ def _prob(s):
 
 REMASKING: dict[str, Remasking] = {
     # LLaDA's default: the softmax probability of the predicted token.
-    "low_confidence": Remasking("low_confidence", _prob),
+    "low_confidence": Remasking(_prob),
     # LLaDA's baseline: commit uniformly random positions.
-    "random": Remasking("random", lambda s: s["uniform"], needs_uniform=True),
+    "random": Remasking(lambda s: s["uniform"], needs_uniform=True),
     # Dream's alternatives: top-1 minus top-2 probability; negative entropy.
-    "margin": Remasking("margin", lambda s: s["margin"], needs_margin=True),
-    "entropy": Remasking("entropy", lambda s: -s["entropy"], needs_entropy=True),
+    "margin": Remasking(lambda s: s["margin"], needs_margin=True),
+    "entropy": Remasking(lambda s: -s["entropy"], needs_entropy=True),
     # Parallel decoding (Fast-dLLM) on the low-confidence score.
-    "threshold": Remasking("threshold", _prob, rule="threshold"),
-    "factor": Remasking("factor", _prob, rule="factor"),
+    "threshold": Remasking(_prob, rule="threshold"),
+    "factor": Remasking(_prob, rule="factor"),
 }

@@ -33,6 +33,13 @@ def commit_quota(num_masked: int, steps: int) -> list[int]:
     return split_evenly(num_masked, steps)
 
 
+def commit_quota_at(num_masked: int, steps: int, step: int) -> int:
+    """``commit_quota(num_masked, steps)[step]`` in O(1), for any number of steps.
+    The quota never grows along a block: once it is 0, it stays 0."""
+    base, rem = divmod(num_masked, steps)
+    return base + (1 if step < rem else 0)
+
+
 def step_seed(seed: int, step: int, stream: int = 0) -> int:
     """The Philox seed of one request's step, as a signed 64-bit int.
 

@@ -29,6 +29,11 @@ def test_scheduler_and_params_are_torch_free():
     assert "torch" not in loaded
 
 
+def test_api_layer_is_torch_free():
+    loaded = modules_after("import server.api.app, server.api.launch, server.api.serving, server.engine.async_engine")
+    assert "torch" not in loaded and "transformers" not in loaded
+
+
 def test_nothing_imports_tests_or_benchmarks():
     for pkg in ("server", "sampler", "kernels"):
         for path in (REPO / pkg).rglob("*.py"):

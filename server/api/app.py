@@ -77,8 +77,9 @@ class ServerState:
 
 
 class BodyLimit:
-    """Pure ASGI middleware: refuses request bodies over ``max_bytes`` (413),
-    by Content-Length up front and by counting chunked bodies."""
+    """Pure ASGI middleware: refuses request bodies over ``max_bytes`` with
+    413, by Content-Length up front, and by reading chunked bodies (up to the
+    limit) before the app sees them."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -86,24 +87,56 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
         too_big = error_response(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error",
                                  None, "body_too_large")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await too_big(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if length.isdigit() and int(length) > self.max_bytes:
+                return await too_big(scope, receive, send)
+            return await self.app(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:  # chunked: buffer what the limit allows, then replay it
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise APIError(413, f"request body exceeds {self.max_bytes} bytes", "invalid_request_error",
-                                   None, "body_too_large")
-            return message
+            if message["type"] != "http.request":
+                return await self.app(scope, receive, send)
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        return await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+class InFlight:
+    """Pure ASGI middleware counting generation requests from arrival until
+    their response (streamed or not) has ended by any path, so draining waits
+    for exactly them."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions")
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"] not in self.ROUTES:
+            return await self.app(scope, receive, send)
+        self.state.in_flight += 1
+        try:
+            return await self.app(scope, receive, send)
+        finally:
+            self.state.in_flight -= 1
 
 
 def build_app(state: ServerState, metrics) -> FastAPI:
@@ -165,24 +198,10 @@ def build_app(state: ServerState, metrics) -> FastAPI:
 
     async def generation(kind: str, body, request: Request):
         check_available()
-        state.in_flight += 1
-        try:
-            result = await state.serving.run(kind, body, request)
-        except BaseException:
-            state.in_flight -= 1
-            raise
+        result = await state.serving.run(kind, body, request)
         if isinstance(result, dict):
-            state.in_flight -= 1
             return JSONResponse(result)
-
-        async def tracked():
-            try:
-                async for event in result:
-                    yield event
-            finally:
-                state.in_flight -= 1
-
-        return StreamingResponse(tracked(), media_type="text/event-stream",
+        return StreamingResponse(result, media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     auth = [Depends(check_key)]
@@ -259,4 +278,4 @@ def build_app(state: ServerState, metrics) -> FastAPI:
                 raise StarletteHTTPException(404, "Not Found")
             return FileResponse(STATIC / name, media_type=_PLAYGROUND_ASSETS[name], headers=_PLAYGROUND_HEADERS)
 
-    return BodyLimit(app, cfg.max_body_bytes)
+    return BodyLimit(InFlight(app, state), cfg.max_body_bytes)

@@ -19,63 +19,19 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from sampler.params import DiffusionParams
+from server.api.choices import Choice
 from server.api.errors import APIError
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DiffusionFields
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
+from server.engine.request import RequestStatus
+
+QUEUE_FULL = ("the server is at capacity: too many queued requests, retry later", "rate_limit_error", None,
+              "queue_full", {"Retry-After": "1"})
 
 logger = logging.getLogger("llada_serve.requests")
-
-
-@dataclass
-class Choice:
-    """One engine request's answer as it grows."""
-
-    index: int
-    prompt_len: int
-    stops: list[str]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""  # final text so far (stop string excluded once found)
-    sent: int = 0  # characters of ``text`` already streamed
-    finish_reason: str | None = None
-    num_steps: int = 0
-    blocks: list[tuple[int, int]] = field(default_factory=list)  # [start, end) in the generated part
-    num_denoised: int = 0  # denoising steps seen (outputs that committed)
-    block: int = 0  # index of the block the last step worked on
-
-    def update(self, token_ids: list[int], decode) -> None:
-        self.token_ids = token_ids
-        text = decode(token_ids)
-        for s in self.stops:
-            cut = text.find(s)
-            if cut >= 0:
-                text, self.finish_reason = text[:cut], "stop"
-        self.text = text
-
-    def ready_delta(self, final: bool) -> str:
-        """New text that can be streamed now."""
-        end = len(self.text)
-        if not final:
-            if self.text.endswith("\ufffd"):  # an incomplete UTF-8 character
-                end = len(self.text.rstrip("\ufffd"))
-            if self.stops:  # might still become a stop string
-                end = min(end, len(self.text) - max(len(s) for s in self.stops) + 1)
-        delta = self.text[self.sent:max(end, self.sent)]
-        self.sent += len(delta)
-        return delta
-
-    def completion_tokens(self, decode) -> int:
-        """Tokens returned: all of them, or those that make up the text
-        before a stop string."""
-        if self.finish_reason != "stop" or not self.stops:
-            return len(self.token_ids)
-        for k in range(len(self.token_ids) + 1):
-            if len(decode(self.token_ids[:k])) >= len(self.text):
-                return k
-        return len(self.token_ids)
 
 
 class OpenAIServing:
@@ -152,7 +108,8 @@ class OpenAIServing:
         """Validates, queues every choice, and answers (JSON or SSE)."""
         self.check_common(req)
         if kind == "chat":
-            prompts, max_tokens = [self.chat_prompt(req)], req.max_completion_tokens or req.max_tokens
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            prompts = [self.chat_prompt(req)]
         else:
             prompts, max_tokens = self.completion_prompts(req), req.max_tokens
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
@@ -166,12 +123,23 @@ class OpenAIServing:
                     engine_reqs.append(self.engine.make_request(f"{resp_id}-{index}", prompt, params))
                 except ValueError as e:
                     raise APIError.bad_request(str(e)) from None
-                choices.append(Choice(index, len(prompt), req.stop_list(), blocks=list(engine_reqs[-1].blocks)))
+                except (EngineDeadError, EngineNotReadyError) as e:
+                    raise APIError(503, str(e), "server_error", None, "unavailable") from None
+                choices.append(Choice(index, engine_reqs[-1].req_id, len(prompt), req.stop_list(),
+                                      blocks=list(engine_reqs[-1].blocks)))
         if self.engine.num_waiting + len(engine_reqs) > self.engine.max_queued_requests:
-            raise APIError(429, "the server is at capacity: too many queued requests, retry later",
-                           "rate_limit_error", None, "queue_full", {"Retry-After": "1"})
+            raise APIError(429, *QUEUE_FULL)
         started = time.monotonic()
-        streams = [self.engine.generate(r) for r in engine_reqs]
+        streams = []
+        try:  # queued now, before any response starts: overload is a real 429, streamed or not
+            for r in engine_reqs:
+                streams.append(self.engine.submit(r))
+        except (QueueFullError, EngineDeadError, EngineNotReadyError) as e:
+            for r in engine_reqs[:len(streams)]:
+                self.engine.abort(r.req_id)
+            if isinstance(e, QueueFullError):
+                raise APIError(429, *QUEUE_FULL) from None
+            raise APIError(503, str(e), "server_error", None, "unavailable") from None
         if req.stream:
             return self.sse(kind, resp_id, req, choices, streams, started)
         await self.collect(choices, streams, raw_request)
@@ -194,10 +162,9 @@ class OpenAIServing:
                 if on_update is not None:
                     await on_update(choice, done)
                 if done:
+                    if choice.stopped_by_string and not out.finished:  # the answer is fixed: free the slot
+                        self.engine.abort(choice.req_id, RequestStatus.FINISHED_STOPPED)
                     break
-        except QueueFullError:
-            raise APIError(429, "the server is at capacity: too many queued requests, retry later",
-                           "rate_limit_error", None, "queue_full", {"Retry-After": "1"}) from None
         except (EngineDeadError, EngineNotReadyError) as e:
             raise APIError(503, str(e), "server_error", None, "unavailable") from None
         finally:
@@ -300,9 +267,11 @@ class OpenAIServing:
 
         denoising = on_step if req.stream_options is not None and req.stream_options.include_denoising else None
 
+        tasks = [asyncio.ensure_future(self._consume(c, s, on_update, denoising)) for c, s in zip(choices, streams)]
+
         async def run_all() -> None:
             try:
-                await asyncio.gather(*(self._consume(c, s, on_update, denoising) for c, s in zip(choices, streams)))
+                await asyncio.gather(*tasks)
                 await queue.put(None)
             except APIError as e:
                 await queue.put(e)
@@ -329,5 +298,7 @@ class OpenAIServing:
             if req.stream_options is not None and req.stream_options.include_usage:
                 yield chunk([], usage)
             yield "data: [DONE]\n\n"
-        finally:
+        finally:  # a failed or abandoned stream stops every choice, not just the first
             task.cancel()
+            for t in tasks:
+                t.cancel()

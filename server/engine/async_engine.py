@@ -72,10 +72,6 @@ class AsyncEngine:
         return self.dead is not None
 
     @property
-    def num_running(self) -> int:
-        return sum(1 for r in list(self._requests.values()) if r.status == RequestStatus.RUNNING)
-
-    @property
     def num_waiting(self) -> int:
         return sum(1 for r in list(self._requests.values()) if r.status == RequestStatus.WAITING)
 
@@ -85,17 +81,25 @@ class AsyncEngine:
         self._check_alive()
         return self.engine.make_request(req_id, prompt_ids, params)
 
-    async def generate(self, req: Request) -> AsyncIterator[RequestOutput]:
-        """Queues ``req`` and yields its outputs until it finishes. Leaving the
-        iteration early aborts the request."""
+    def submit(self, req: Request) -> AsyncIterator[RequestOutput]:
+        """Queues ``req`` now (raising QueueFullError, EngineDeadError or
+        EngineNotReadyError at once) and returns the iterator of its outputs,
+        which ends with the finished one. Leaving the iteration early aborts
+        the request; so does ``abort`` for a stream never iterated."""
         self._check_alive()
         if self.num_waiting >= self.max_queued_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_queued_requests} requests)")
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[req.req_id] = (asyncio.get_running_loop(), queue)
         self._requests[req.req_id] = req
+        if self.dead is not None:  # the loop died between the check and the registration
+            self._forget(req.req_id)
+            self._check_alive()
         self.metrics.prompt_tokens.inc(req.prompt_len)
         self._post("add", req)
+        return self._outputs(req.req_id, queue)
+
+    async def _outputs(self, req_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while True:
@@ -107,9 +111,17 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._streams.pop(req.req_id, None)
             if not finished:
-                self._post("abort", req.req_id)
+                self.abort(req_id)
+
+    def abort(self, req_id: str, reason: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """Stops a request before the engine's next step (``reason`` is what
+        the metrics record: an abort, or a stop string found by the caller)."""
+        self._forget(req_id)
+        self._post("abort", (req_id, reason))
+
+    def _forget(self, req_id: str) -> None:
+        self._streams.pop(req_id, None)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -123,6 +135,7 @@ class AsyncEngine:
 
     # -- the loop (engine thread) -------------------------------------------------------
     def _run(self) -> None:
+        error: BaseException = EngineDeadError("the engine was shut down")
         try:
             self.engine = self._factory()
             logger.info("engine ready")
@@ -140,25 +153,32 @@ class AsyncEngine:
                     self._deliver(out)
         except BaseException as e:  # the loop itself broke: nothing can be served any more
             logger.exception("engine loop died")
-            self.dead = e
-            for rid in list(self._streams):
-                self._send(rid, EngineDeadError(f"the engine loop has died: {e}"))
+            self.dead = error = e
             if self.on_fatal is not None:
                 self.on_fatal(e)
+        finally:  # no stream is left waiting, whether the loop died or was shut down
+            for rid in list(self._streams):
+                self._send(rid, EngineDeadError(f"the engine loop has stopped: {error}"))
 
     def _drain_inbox(self) -> None:
         while self._inbox:
             verb, arg = self._inbox.popleft()
             if verb == "add":
-                if arg.req_id in self._streams:  # not abandoned while queued
-                    self.engine.scheduler.add(arg)
-                else:
+                if arg.req_id not in self._streams:  # abandoned while queued
                     self._requests.pop(arg.req_id, None)
+                    continue
+                try:
+                    self.engine.scheduler.add(arg)
+                except Exception as e:  # one bad request fails alone
+                    logger.exception("request %s could not be queued", arg.req_id)
+                    self._deliver(RequestOutput(arg.req_id, [], [], True, "error", f"{type(e).__name__}: {e}"))
             elif verb == "abort":
-                req = self.engine.scheduler.abort(arg)
+                req_id, reason = arg
+                req = self.engine.scheduler.abort(req_id, reason)
                 if req is not None:
-                    self.metrics.finished(RequestStatus.FINISHED_ABORTED.value)
-                self._requests.pop(arg, None)
+                    self.metrics.finished(reason.value)
+                    self.metrics.e2e.observe(time.monotonic() - req.arrival_time)
+                self._requests.pop(req_id, None)
 
     def _record_step(self, seconds: float, outputs: list[RequestOutput]) -> None:
         m = self.metrics
@@ -191,6 +211,8 @@ class AsyncEngine:
                 m.e2e.observe(time.monotonic() - req.arrival_time)
             self._requests.pop(out.req_id, None)
         self._send(out.req_id, out)
+        if out.finished:  # a stream never iterated leaves nothing behind
+            self._streams.pop(out.req_id, None)
 
     def _send(self, req_id: str, item: object) -> None:
         stream = self._streams.get(req_id)

@@ -86,6 +86,7 @@ class LLMEngine:
         except Exception:
             # Find the request that broke the batch: run each alone; those that
             # still fail are failed, the rest keep their step.
+            logger.warning("a batch of %d failed; running its requests one by one", len(sched.seqs), exc_info=True)
             result = RunnerOutput()
             for seq in sched.seqs:
                 try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from sampler.params import DiffusionParams
 from sampler.remasking import REMASKING
-from sampler.schedule import block_bounds, commit_quota, step_seed, steps_per_block
+from sampler.schedule import block_bounds, commit_quota_at, step_seed, steps_per_block
 
 
 class RequestStatus(enum.Enum):
@@ -49,8 +49,6 @@ class Request:
         self.first_token_time: float | None = None
         self.is_adaptive = REMASKING[p.remasking].is_adaptive  # steps follow the model, not the schedule
         self.pages: list[int] = []  # KV pages, reserved at admission in the cache modes
-        self.block_filled = False  # whether this block's first (cache-filling) step ran
-        self._quotas = commit_quota(self._block_size(), self.block_steps[0])
 
     @property
     def prompt_len(self) -> int:
@@ -80,12 +78,19 @@ class Request:
         storing keys/values) or "use" (later steps: read them)."""
         if not self.uses_cache:
             return None
-        return "use" if self.block_filled else "fill"
+        # A block's first step is its first forward: empty steps only end a block.
+        return "use" if self.step_in_block > 0 else "fill"
 
     def skip_empty_steps(self) -> None:
-        """Steps whose quota is 0 commit nothing: pass them without a forward."""
-        while not self.is_done and not self.is_adaptive and self._quotas[self.step_in_block] == 0:
-            self._advance()
+        """Steps whose quota is 0 commit nothing: pass them without a forward.
+        They only end a block (the quota never grows), so jump to its end,
+        counting them in step_index, which keys the noise of later steps."""
+        if self.is_done or self.is_adaptive or self.quota() > 0:
+            return
+        remaining = self.block_steps[self.block_idx] - self.step_in_block
+        self.step_index += remaining - 1
+        self.step_in_block += remaining - 1
+        self._advance()
 
     @property
     def is_done(self) -> bool:
@@ -96,7 +101,7 @@ class Request:
         adaptive rules the cap (every masked position of the block)."""
         if self.is_adaptive:
             return len(self.masked_positions())
-        return self._quotas[self.step_in_block]
+        return commit_quota_at(self._block_size(), self.block_steps[self.block_idx], self.step_in_block)
 
     def seeds(self) -> tuple[int, int]:
         """(sampling seed, random-remasking seed) of the current step."""
@@ -112,7 +117,6 @@ class Request:
         for pos, tok in zip(positions, tokens):
             self.canvas[pos] = tok
         self.num_forward_steps += 1
-        self.block_filled = True
         self._advance()
         return self._grow_final()
 
@@ -122,11 +126,8 @@ class Request:
         block_over = (not self.masked_positions()) if self.is_adaptive \
             else self.step_in_block == self.block_steps[self.block_idx]
         if block_over:
-            self.block_filled = False
             self.block_idx += 1
             self.step_in_block = 0
-            if self.block_idx < len(self.blocks) and not self.is_adaptive:
-                self._quotas = commit_quota(self._block_size(), self.block_steps[self.block_idx])
 
     def _grow_final(self) -> list[int]:
         """A token is final once it and every position before it are

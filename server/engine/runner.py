@@ -84,7 +84,7 @@ class ModelRunner:
                 uncond_rows += [start + p for p in s.rows]
 
         dev = self.device
-        logits = self.model(
+        logits = self.model(  # (len(cond_rows) + len(uncond_rows), vocab)
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             cu_seqlens,
@@ -123,18 +123,22 @@ class ModelRunner:
         if not any(s.cache_action for s in seqs):
             return None
         page_size = self.kv_cache.page_size
+        num_packed = len(cu_seqlens) - 1  # unconditional canvases (cfg) follow seqs and use no cache
         max_pages = max(len(s.pages) for s in seqs) or 1
         table = [s.pages + [0] * (max_pages - len(s.pages)) for s in seqs]
-        slots = [-1] * (cu_seqlens[-1])
+        table += [[0] * max_pages] * (num_packed - len(seqs))
+        cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
+        slots = [-1] * cu_seqlens[-1]
         for s, p, start in zip(seqs, plans, cu_seqlens):
             for j, pos in enumerate(p.stored):  # slot j of the request's pages
                 slots[start + pos - p.start] = s.pages[j // page_size] * page_size + j % page_size
         dev = self.device
-        return CacheView(self.kv_cache, torch.tensor(table, dtype=torch.int32, device=dev),
-                         [p.cached for p in plans], torch.tensor(slots, dtype=torch.int64, device=dev))
+        return CacheView(self.kv_cache, torch.tensor(table, dtype=torch.int32, device=dev), cached,
+                         torch.tensor(slots, dtype=torch.int64, device=dev))
 
     def _guide(self, cond: torch.Tensor, uncond: torch.Tensor, seqs) -> torch.Tensor:
-        """Replaces the rows of guided sequences by their cfg combination."""
+        """Replaces the rows of guided sequences by their cfg combination.
+        cond: (num_rows, vocab); uncond: (num_guided, vocab), the guided rows in order."""
         scale, guided, i = [], [], 0
         for s in seqs:
             n = len(s.rows)
@@ -142,8 +146,8 @@ class ModelRunner:
                 guided += range(i, i + n)
                 scale += [s.cfg_scale] * n
             i += n
-        idx = torch.tensor(guided, dtype=torch.long, device=cond.device)
-        s_t = torch.tensor(scale, dtype=cond.dtype, device=cond.device)[:, None]
+        idx = torch.tensor(guided, dtype=torch.long, device=cond.device)  # (num_guided,) rows of cond
+        s_t = torch.tensor(scale, dtype=cond.dtype, device=cond.device)[:, None]  # (num_guided, 1)
         out = cond.clone()
         out[idx] = apply_cfg(cond[idx], uncond, s_t)
         return out

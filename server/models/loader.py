@@ -9,7 +9,6 @@ error naming the file, tensor or field.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,9 +61,8 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
         pass
     try:
         return Path(snapshot_download(model, allow_patterns=patterns, cache_dir=cache_dir))
-    except Exception as e:  # offline, unknown repo, auth
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        why = "HF_HUB_OFFLINE is set" if offline else f"{type(e).__name__}: {e}"
+    except Exception as e:  # offline (HF_HUB_OFFLINE), unknown repo, auth
+        why = f"{type(e).__name__}: {e}"
         raise CheckpointError(
             f"--model {model!r} is not a local directory and is not in the Hugging Face cache, "
             f"and it could not be downloaded ({why}). Download it where there is network "

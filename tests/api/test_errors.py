@@ -35,6 +35,7 @@ CASES = [
     ("negative temperature", "chat", {**OK_CHAT, "temperature": -1}, 400, "temperature"),
     ("top_p zero", "chat", {**OK_CHAT, "top_p": 0}, 400, "top_p"),
     ("top_k below -1", "chat", {**OK_CHAT, "top_k": -2}, 400, "top_k"),
+    ("top_k overflowing int64", "chat", {**OK_CHAT, "top_k": 2**63, "temperature": 1}, 400, "top_k"),
     ("negative cfg_scale", "chat", {**OK_CHAT, "cfg_scale": -0.5}, 400, "cfg_scale"),
     ("unknown decoding", "chat", {**OK_CHAT, "decoding": "turbo"}, 400, "decoding"),
     ("threshold out of range", "chat", {**OK_CHAT, "remasking": "threshold", "threshold": 1.5}, 400, "threshold"),
@@ -124,3 +125,23 @@ def test_api_key(text_ckpt):
             assert httpx.get(srv.url + open_route).status_code == 200
     finally:
         srv.stop()
+
+
+def test_chunked_oversized_body_gets_413(live):
+    def chunks():
+        for _ in range(3):
+            yield b" " * (600 << 10)  # 1.8 MB in all, no Content-Length
+
+    r = httpx.post(live.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    small = iter([b'{"prompt": [5, 6], ', b'"max_tokens": 4, "block_length": 4}'])
+    r = httpx.post(live.url + "/v1/completions", content=small, headers={"content-type": "application/json"})
+    assert r.status_code == 200  # a chunked body under the limit reaches the route intact
+
+
+def test_absurd_step_counts_cost_nothing(live):
+    """Steps far beyond the canvas only add empty steps, skipped in O(1)."""
+    body = {"prompt": [5, 6, 7], "max_tokens": 8, "block_length": 4}
+    base = httpx.post(live.url + "/v1/completions", json=body).json()["choices"][0]["text"]
+    r = httpx.post(live.url + "/v1/completions", json={**body, "steps": 10**12}, timeout=10)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == base

@@ -56,7 +56,8 @@ def test_disconnects_at_random_points_leak_nothing(live):
     assert wait_for(lambda: live.metric("llada_num_requests_running") == 0
                     and live.metric("llada_num_requests_waiting") == 0)
     assert wait_for(lambda: not live.engine.engine.scheduler.running and pages.num_free == pages.num_pages)
-    assert not live.engine._streams and not live.engine._requests
+    assert wait_for(lambda: not live.engine._streams and not live.engine._requests)
+    assert wait_for(lambda: live.state.in_flight == 0)
 
 
 def test_slow_reader_does_not_block_others(live):
@@ -94,6 +95,15 @@ def test_overload_gets_429_and_nothing_hangs(text_ckpt):
         for r in responses:
             if r.status_code == 429:
                 assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+
+        async def stream_burst():  # overload is a real 429 for streams too, not an error inside a 200
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*(client.post(srv.url + "/v1/completions", json={**body, "stream": True})
+                                              for _ in range(8)))
+
+        streamed = asyncio.run(asyncio.wait_for(stream_burst(), 60))
+        assert 429 in [r.status_code for r in streamed]
+        assert all("data: [DONE]" in r.text for r in streamed if r.status_code == 200)
         assert wait_for(lambda: srv.metric("llada_num_requests_waiting") == 0
                         and srv.metric("llada_num_requests_running") == 0)
     finally:
@@ -138,7 +148,7 @@ def test_dead_engine_turns_health_503(text_ckpt):
 
         srv.engine.engine.scheduler.update = broken
         r = httpx.post(srv.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4, "block_length": 4})
-        assert r.status_code == 503 and "engine loop has died" in r.json()["error"]["message"]
+        assert r.status_code == 503 and "engine loop has stopped: scheduler bug" in r.json()["error"]["message"]
         assert httpx.get(srv.url + "/health").status_code == 503
         assert len(fatal) == 1
         assert httpx.post(srv.url + "/v1/completions", json={"prompt": [5], "max_tokens": 4}).status_code == 503

@@ -110,7 +110,15 @@ def test_stop_string_cuts_the_answer(client, offline):
                                     extra_body={"steps": 16, "block_length": 4})
     assert out.choices[0].text == text[: text.index(stop)]
     assert out.choices[0].finish_reason == "stop"
-    assert out.usage.completion_tokens <= len(ref.token_ids)
+    # Billed: the fewest tokens whose text covers the returned text.
+    tok = offline.tokenizer
+    k = next(k for k in range(len(ref.token_ids) + 1) if len(tok.decode(ref.token_ids[:k])) >= len(out.choices[0].text))
+    assert out.usage.completion_tokens == k
+    streamed = client.completions.create(model=MODEL_NAME, prompt=[5, 6, 7], max_tokens=16, temperature=0,
+                                         stop=[stop], stream=True, extra_body={"steps": 16, "block_length": 4})
+    chunks = list(streamed)
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text  # no stop text leaks
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_batch_invariance_16_concurrent_streams(live, offline):

@@ -105,7 +105,8 @@ def test_factor_rule_runs_adaptively(golden_dir):
 
 def test_pages_bound_admission(golden_dir):
     """With room in the KV pool for one canvas, cache requests run one at a
-    time (never preempted), exact ones are not held back by pages."""
+    time, never preempted (admission is first come, first served, so
+    requests queued behind them wait too)."""
     llm = LLM(str(golden_dir), dtype="float32", device="cpu", max_num_batched_tokens=64)
     sched = llm.engine.scheduler
     sched.pages.__init__(3, 16)  # 48 slots: one 44-token canvas at a time
@@ -153,3 +154,33 @@ def test_dual_cache_refused_for_block_causal(tmp_path):
     import pytest
     with pytest.raises(ValueError, match="decoding: dual_cache is not available for block-causal models"):
         llm.generate([[1, 2, 3]], DiffusionParams(gen_length=8, block_length=8, decoding="dual_cache"))
+
+
+def test_every_mode_and_guidance_share_one_batch(golden_dir):
+    """Exact, guided, both cache modes, the adaptive rules and top-k run in
+    one forward per step, each giving what it gives alone, including a
+    request that joins while the others are mid-flight."""
+    llm = LLM(str(golden_dir), dtype="float64", device="cpu")
+    kinds = [dict(), dict(cfg_scale=1.0), dict(decoding="prefix_cache"), dict(decoding="dual_cache"),
+             dict(remasking="threshold", threshold=0.5, decoding="dual_cache"), dict(remasking="factor"),
+             dict(temperature=1.0, top_k=5, seed=9)]
+    params = [DiffusionParams(gen_length=16, steps=16, block_length=8, **k) for k in kinds]
+    prompts = [PROMPT[: 6 + i] for i in range(len(kinds))]
+    alone = [llm.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    calls = []
+    runner = llm.engine.runner
+    real = runner.execute
+    runner.execute = lambda sched: calls.append(len(sched.seqs)) or real(sched)
+    together = [o.token_ids for o in llm.generate(prompts, params)]
+    assert together == alone
+    assert calls and max(calls) == len(kinds)  # no silent fallback to one-by-one
+    # Staggered: a request admitted after the others have taken steps.
+    engine = llm.engine
+    for i in range(len(kinds) - 1):
+        engine.add_request(f"s{i}", prompts[i], params[i])
+    engine.step(), engine.step(), engine.step()
+    engine.add_request("late", prompts[-1], params[-1])
+    done = {}
+    while engine.has_unfinished():
+        done.update({o.req_id: o.token_ids for o in engine.step() if o.finished})
+    assert [done[f"s{i}"] for i in range(len(kinds) - 1)] + [done["late"]] == alone

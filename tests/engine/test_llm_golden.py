@@ -54,6 +54,8 @@ SAMPLED = [
     dict(gen_length=20, steps=10, block_length=8, temperature=0.7, seed=2),  # short last block, uneven steps
     dict(gen_length=16, steps=8, block_length=16, temperature=0.0, remasking="random", seed=3),
     dict(gen_length=12, steps=12, block_length=4, temperature=2.0, remasking="random", cfg_scale=0.5, seed=4),
+    # More steps than tokens: zero-quota steps are skipped, yet still count in the noise's step index.
+    dict(gen_length=8, steps=24, block_length=4, temperature=1.0, seed=5),
 ]
 
 
