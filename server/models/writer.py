@@ -15,15 +15,28 @@ from safetensors.torch import save_file
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float64: "float64"}
 
 
+# The fields of LLaDA-8B's config.json that describe what this implementation
+# computes (the sizes come from the model's LLaDAConfig). No auto_map: the
+# remote modeling code is never shipped or needed.
+LLADA_FIELDS = {
+    "architectures": ["LLaDAModelLM"], "model_type": "llada", "activation_type": "silu", "alibi": False,
+    "alibi_bias_max": 8.0, "attention_dropout": 0.0, "attention_layer_norm": False,
+    "attention_layer_norm_with_affine": True, "bias_for_layer_norm": False, "block_group_size": 1,
+    "block_type": "llama", "embedding_dropout": 0.0, "flash_attention": False, "include_bias": False,
+    "include_qkv_bias": False, "init_cutoff_factor": None, "init_device": "meta", "init_fn": "mitchell",
+    "init_std": 0.02, "input_emb_norm": False, "layer_norm_type": "rms", "layer_norm_with_affine": True,
+    "multi_query_attention": None, "precision": "amp_bf16", "residual_dropout": 0.0, "rope": True,
+    "rope_full_precision": True, "scale_logits": False, "use_cache": False,
+}
+
+
 def llada_config_dict(cfg) -> dict:
-    raw = {k: v for k, v in asdict(cfg).items() if k != "extra"}
+    raw = dict(LLADA_FIELDS)
+    raw.update({k: v for k, v in asdict(cfg).items() if k != "extra"})
     raw.update(cfg.extra)
-    raw.update({
-        "architectures": ["LLaDAModelLM"], "model_type": "llada", "rope": True,
-        "rope_full_precision": True, "block_type": "llama", "layer_norm_type": "rms",
-        "activation_type": "silu", "include_bias": False, "include_qkv_bias": False,
-        "alibi": False, "scale_logits": False, "use_cache": False,
-    })
+    if not raw.get("block_causal_size"):
+        raw.pop("block_causal_size", None)  # not a LLaDA field; only block-causal models carry it
+    raw["mlp_ratio"] = round(cfg.mlp_hidden_size / cfg.d_model, 2)
     return raw
 
 
