@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import copy_bandwidth, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PAGE_SIZE = 64
 PEAKS = {  # name fragment -> (memory bytes/s, dense bf16 FLOP/s), from the vendors' sheets
@@ -47,43 +48,12 @@ def device_peaks(device: torch.device) -> tuple[str, float, float]:
     """(device name, bytes/s, FLOP/s); unknown devices get a measured copy
     bandwidth and a nominal 100 TFLOP/s."""
     if device.type != "cuda":
-        return platform.processor() or "cpu", measure_copy_bandwidth(device), 1e12
+        return platform.processor() or "cpu", copy_bandwidth(device), 1e12
     name = torch.cuda.get_device_name(device)
     for fragment, (bandwidth, flops) in PEAKS.items():
         if fragment in name:
             return name, bandwidth, flops
-    return name, measure_copy_bandwidth(device), 100e12
-
-
-def measure_copy_bandwidth(device: torch.device) -> float:
-    src = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = time_fn(lambda: dst.copy_(src), device, iters=5)
-    return 2 * src.numel() / seconds
-
-
-def time_fn(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call; on CUDA each call is timed with events after
-    flushing L2, so repeated calls do not read their inputs from cache."""
-    for _ in range(min(warmup, iters)):
-        fn()
-    times = []
-    if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-        for _ in range(iters):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return name, copy_bandwidth(device), 100e12
 
 
 def make_case(device, dtype, batch, q_len, cache_len, heads, head_dim):

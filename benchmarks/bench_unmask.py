@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import copy_bandwidth, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 BLOCK_LENGTH = 32
 COMMITS_PER_STEP = 2
@@ -43,32 +44,7 @@ def device_bandwidth(device: torch.device) -> tuple[str, float]:
     for fragment, bandwidth in PEAK_BANDWIDTH.items():
         if fragment in name:
             return name, bandwidth
-    src = torch.empty(64 * 2**20 if device.type == "cuda" else 8 * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    return name, 2 * src.numel() / time_fn(lambda: dst.copy_(src), device, iters=5)
-
-
-def time_fn(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call; on CUDA timed with events after flushing L2."""
-    for _ in range(min(warmup, iters)):
-        fn()
-    times = []
-    if device.type == "cuda":
-        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device=device)
-        for _ in range(iters):
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end) / 1e3)
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return name, copy_bandwidth(device)
 
 
 def torch_path(logits, temperature: float, canvas, positions):

@@ -120,12 +120,11 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             prompt = args.prompt
         llm = LLM(args.model, dtype=args.dtype, device=args.device)
-        on_step = None
-        if args.show_steps:
-            def on_step(req_id, req):
-                b0, b1 = req.block_range if not req.is_done else (0, 0)
-                print(f"step {req.num_forward_steps:3d}  block {min(req.block_idx + 1, len(req.blocks))}/{len(req.blocks)}  "
-                      f"| {_render(llm, req)}", flush=True)
+        def show_step(req_id, req):
+            print(f"step {req.num_forward_steps:3d}  block {min(req.block_idx + 1, len(req.blocks))}/{len(req.blocks)}  "
+                  f"| {_render(llm, req)}", flush=True)
+
+        on_step = show_step if args.show_steps else None
         if args.chat:
             if not isinstance(prompt, str):
                 raise ValueError("--chat needs --prompt text")

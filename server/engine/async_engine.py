@@ -15,12 +15,15 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import AsyncIterator, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from sampler.params import DiffusionParams
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, RequestStatus
 from server.metrics import Metrics
+
+if TYPE_CHECKING:  # the engine (torch) is only built in the loop thread
+    from server.engine.engine import LLMEngine
 
 logger = logging.getLogger(__name__)
 

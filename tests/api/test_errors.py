@@ -6,7 +6,7 @@ import httpx
 import pytest
 
 from server.config import ServerConfig
-from tests.api.conftest import MODEL_NAME, start_server
+from tests.api.conftest import start_server
 
 OK_CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "block_length": 4}
 OK_COMP = {"prompt": "in the", "max_tokens": 4, "block_length": 4}

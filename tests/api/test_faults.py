@@ -13,7 +13,6 @@ import sys
 import time
 
 import httpx
-import pytest
 
 from server.config import SchedulerConfig, ServerConfig
 from tests.api.conftest import start_server, wait_for

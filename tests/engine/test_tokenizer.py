@@ -2,7 +2,6 @@
 that carries a real tokenizer (trained in the test)."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
