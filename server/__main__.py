@@ -38,9 +38,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gen-length", type=int, default=64, help="canvas length after the prompt (max tokens)")
+    p.add_argument("--gen-length", type=int, default=None,
+                   help="canvas length after the prompt, max tokens (default: the model's max_new_tokens, else 64)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
-    p.add_argument("--block-length", type=int, default=32)
+    p.add_argument("--block-length", type=int, default=None, help="block length (default: the model's, else 32)")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--remasking", default="low_confidence")
     p.add_argument("--cfg-scale", type=float, default=0.0)
@@ -62,9 +63,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("max-num-batched-tokens", int, 8192, "canvas tokens in one forward pass")
     flag("max-queued-requests", int, 256, "waiting requests before answering 429")
     flag("max-model-len", int, None, "longest prompt + max_tokens (default: the model's max_sequence_length)")
-    flag("default-max-tokens", int, 128, "canvas length when a request gives no max_tokens")
+    flag("default-max-tokens", int, None,
+         "canvas length when a request gives no max_tokens (default: the model's max_new_tokens, else 128)")
     flag("default-steps", int, None, "denoising steps when a request gives none (default: max_tokens)")
-    flag("default-block-length", int, 32, "block length when a request gives none")
+    flag("default-block-length", int, None, "block length when a request gives none (default: the model's, else 32)")
     flag("default-decoding", str, "exact", "exact | prefix_cache | dual_cache, when a request gives none")
     flag("default-remasking", str, "low_confidence", "commit rule when a request gives none")
     flag("default-threshold", float, 0.9, "the threshold rule's bar when a request gives none")
@@ -107,9 +109,13 @@ def _render(llm, req) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from sampler.params import DiffusionParams
     from server.engine.llm import LLM
+    from server.models.loader import generation_defaults, resolve_model_path
 
     try:
-        params = DiffusionParams(gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        model_defaults = generation_defaults(resolve_model_path(args.model))  # the checkpoint's recommendation
+        gen_length = args.gen_length if args.gen_length is not None else model_defaults.get("gen_length", 64)
+        block_length = args.block_length if args.block_length is not None else model_defaults.get("block_length", 32)
+        params = DiffusionParams(gen_length=gen_length, steps=args.steps, block_length=block_length,
                                  temperature=args.temperature, remasking=args.remasking,
                                  cfg_scale=args.cfg_scale, seed=args.seed)
         if args.prompt_ids is not None:

@@ -16,6 +16,10 @@ from server.models.llada import LLaDAModel
 from server.models.loader import load_model
 from server.models.writer import save_checkpoint
 
+# What the model was trained for: answers of at most ~20 tokens in canvases up
+# to 64; evaluated (card, eval_tasks.py) at gen_length 32, block_length 8.
+RECOMMENDED = {"gen_length": 32, "block_length": 8}
+
 
 def write_checkpoint(model: LLaDAModel, bos_id: int, tokenizer_dir: Path, card: str, out: Path) -> None:
     """Writes the whole checkpoint directory to ``out`` (replacing it), after
@@ -25,7 +29,9 @@ def write_checkpoint(model: LLaDAModel, bos_id: int, tokenizer_dir: Path, card: 
     tmp.mkdir(parents=True)
     cfg = model.config
     save_checkpoint(model, tmp, dtype=torch.float32)
-    generation = {"bos_token_id": bos_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+    generation = {"bos_token_id": bos_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+                  # the decoding the server and CLI use when a request gives none (the card's recommendation)
+                  "max_new_tokens": RECOMMENDED["gen_length"], "block_length": RECOMMENDED["block_length"]}
     (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(tokenizer_dir / f, tmp / f)

@@ -48,23 +48,40 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _given(value, default):
+    return default if value is None else value
+
+
+def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
+    """The three configs from the parsed flags. Request defaults the user
+    left out come from the checkpoint's generation_config.json, then the
+    built-ins. Raises ValueError naming a bad flag or checkpoint."""
+    from server.models.loader import generation_defaults, resolve_model_path
+
+    model_defaults = generation_defaults(resolve_model_path(args.model))
+    model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
+                               max_model_len=args.max_model_len)
+    scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                       max_num_batched_tokens=args.max_num_batched_tokens,
+                                       kv_cache_tokens=args.kv_cache_tokens)
+    server_config = ServerConfig(
+        host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+        max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
+        max_body_bytes=args.max_body_bytes,
+        default_max_tokens=_given(args.default_max_tokens, model_defaults.get("gen_length", 128)),
+        default_steps=args.default_steps,
+        default_block_length=_given(args.default_block_length, model_defaults.get("block_length", 32)),
+        default_decoding=args.default_decoding, default_remasking=args.default_remasking,
+        default_threshold=args.default_threshold, playground=not args.no_playground)
+    return model_config, scheduler_config, server_config
+
+
 def serve(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from server.engine.async_engine import AsyncEngine
 
     try:
-        model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                                   max_model_len=args.max_model_len)
-        scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                           max_num_batched_tokens=args.max_num_batched_tokens,
-                                           kv_cache_tokens=args.kv_cache_tokens)
-        server_config = ServerConfig(
-            host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
-            max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
-            max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-            default_steps=args.default_steps, default_block_length=args.default_block_length,
-            default_decoding=args.default_decoding, default_remasking=args.default_remasking,
-            default_threshold=args.default_threshold, playground=not args.no_playground)
+        model_config, scheduler_config, server_config = build_configs(args)
     except ValueError as e:
         print(f"llada-serve: error: {e}", file=sys.stderr)
         return 2

@@ -218,9 +218,13 @@ class LLaDAModel(nn.Module):
 
         return self._run(input_ids, positions, attend, logits_indices)
 
-    def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      logits_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The reference's interface: (batch, length) -> (batch, length, vocab).
-        Padded keys (attention_mask == 0) are masked for every query."""
+        Padded keys (attention_mask == 0) are masked for every query. With a
+        boolean ``logits_mask`` (batch, length), the LM head runs only on its
+        true positions and the result is (num_true, vocab) in row-major order
+        (training computes the loss on masked tokens only)."""
         batch, length = input_ids.shape
         bias = None
         if attention_mask is not None and not bool(attention_mask.all()):
@@ -239,8 +243,9 @@ class LLaDAModel(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
             return o.transpose(1, 2).reshape(batch * length, q.shape[1], q.shape[3])
 
-        logits = self._run(input_ids.reshape(-1), positions, attend, None)
-        return logits.view(batch, length, -1)
+        rows = None if logits_mask is None else logits_mask.reshape(-1).nonzero().squeeze(1)
+        logits = self._run(input_ids.reshape(-1), positions, attend, rows)
+        return logits if rows is not None else logits.view(batch, length, -1)
 
     # -- weights -------------------------------------------------------------
     def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, int, int]]:
