@@ -40,9 +40,13 @@ from tools import demo_card, demo_checkpoint, demo_data, demo_tasks, demo_tokeni
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = dict(d_model=256, n_heads=4, n_kv_heads=4, n_layers=6, mlp_hidden_size=704, vocab_size=4096,
              rope_theta=10000.0, rms_norm_eps=1e-5, max_sequence_length=512)
-PRETRAIN_BATCH, PRETRAIN_LEN = 32, 128
-SFT_BATCH, CANVAS, MAX_CANVAS = 64, 32, 64  # canvas: often tight round the answer, else up to MAX_CANVAS
-TIGHT_SHARE, TIGHT_SLACK = 0.5, 4  # share of SFT batches whose canvas is the longest answer + 0..TIGHT_SLACK
+PRETRAIN_BATCH, PRETRAIN_LEN = 16, 256  # positions up to 256: the server's canvases reach that far
+SFT_BATCH, CANVAS, MAX_CANVAS, LONG_CANVAS = 64, 32, 64, 256
+# SFT canvas lengths: half the batches tight round the answers (the longest
+# + 0..TIGHT_SLACK: compute goes to answers), LONG_SHARE long (MAX_CANVAS..
+# LONG_CANVAS, fewer rows: the model learns to end and fill a long canvas of
+# masks), the rest up to MAX_CANVAS.
+TIGHT_SHARE, TIGHT_SLACK, LONG_SHARE = 0.5, 4, 0.1
 # Reversal gets most of the SFT budget: it is the task a model this small
 # learns first (a copy circuit), so it is the shipped model's showcase.
 TASK_WEIGHTS = {"reverse": 0.6, "sort": 0.15, "add": 0.1, "continue": 0.15}
@@ -85,21 +89,25 @@ class Data:
         """(B, T) prompt + answer + <|eot_id|> + <|endoftext|> padding; the
         answer region (everything after the prompt) is the maskable part."""
         eot, eos = self.ids[demo_tokenizer.EOT], self.ids[demo_tokenizer.EOS]
+        kind = self.rng.random()
+        long = TIGHT_SHARE <= kind < TIGHT_SHARE + LONG_SHARE
+        long_canvas = self.rng.randint(MAX_CANVAS, LONG_CANVAS) if long else 0
+        batch = max(8, SFT_BATCH * 64 // (long_canvas + 32)) if long else SFT_BATCH  # about the same tokens
         rows = []
-        for task in self.rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()), k=SFT_BATCH):
+        for task in self.rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()), k=batch):
             item = self.tasks.sample(task, self.rng)
             msgs = item.messages()
             if self.rng.random() < 0.1:
                 msgs = [{"role": "system", "content": self.rng.choice(SYSTEM_PROMPTS)}] + msgs
             rows.append((self.prompt_ids(msgs), self.tok.encode(item.answer, add_special_tokens=False).ids + [eot]))
         longest = max(len(a) for _, a in rows)
-        if self.rng.random() < TIGHT_SHARE:
-            canvas = longest + self.rng.randint(0, TIGHT_SLACK)  # little padding: compute goes to answers
+        if kind < TIGHT_SHARE:
+            canvas = longest + self.rng.randint(0, TIGHT_SLACK)
         else:
-            canvas = self.rng.randint(longest, MAX_CANVAS)  # long canvases: learn to fill with EOS
+            canvas = max(long_canvas, self.rng.randint(longest, MAX_CANVAS))
         total = max(len(p) for p, _ in rows) + canvas
-        x = torch.full((SFT_BATCH, total), eos)
-        maskable = torch.zeros((SFT_BATCH, total), dtype=torch.bool)
+        x = torch.full((batch, total), eos)
+        maskable = torch.zeros((batch, total), dtype=torch.bool)
         for i, (p, a) in enumerate(rows):
             x[i, :len(p) + len(a)] = torch.tensor(p + a)
             maskable[i, len(p):] = True
