@@ -58,9 +58,9 @@ def evaluate(llm, items: dict[str, list], params: DiffusionParams, vocabulary: s
 
 
 def add_decoding_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--gen-length", type=int, default=32)
+    ap.add_argument("--gen-length", type=int, default=None, help="default: the model's max_new_tokens, else 32")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--block-length", type=int, default=8)
+    ap.add_argument("--block-length", type=int, default=None, help="default: the model's block_length, else 8")
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--remasking", default="low_confidence")
     ap.add_argument("--threshold", type=float, default=0.9)
@@ -86,8 +86,16 @@ def main() -> None:
     from server.__main__ import bundled_model
     from server.engine.llm import LLM
 
+    from server.models.loader import generation_defaults, resolve_model_path
+
+    model = args.model or bundled_model()
+    recommended = generation_defaults(resolve_model_path(model))  # the model card's decoding
+    if args.gen_length is None:
+        args.gen_length = recommended.get("gen_length", 32)
+    if args.block_length is None:
+        args.block_length = recommended.get("block_length", 8)
     params = params_from(args)
-    llm = LLM(args.model or bundled_model(), dtype=args.dtype, device="cpu", max_num_seqs=256,
+    llm = LLM(model, dtype=args.dtype, device="cpu", max_num_seqs=256,
               max_num_batched_tokens=1 << 20)
     vocabulary = demo_data.corpus_vocabulary(demo_data.load_verses())
     result = evaluate(llm, load_items(args.n), params, vocabulary)

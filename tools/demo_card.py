@@ -9,6 +9,7 @@ import torch
 
 from server.models.llada import LLaDAConfig
 from tools import demo_data, demo_tasks
+from tools.demo_checkpoint import RECOMMENDED
 
 TASK_FORMATS = {
     "add": ("add: 123 + 45", "168"),
@@ -27,8 +28,9 @@ def model_card(cfg: LLaDAConfig, args: argparse.Namespace, st: dict, scores: dic
     )
     last = st.get("final_loss", {})
     cpu = platform.processor() or platform.machine()
-    command = (f"nice -n 10 python tools/train_demo_model.py --minutes {args.minutes:g} "
-               f"--pretrain-share {args.pretrain_share:g} --threads {args.threads} --seed {args.seed}")
+    command = (f"python tools/train_demo_model.py --minutes {args.minutes:g} --pretrain-share {args.pretrain_share:g} "
+               f"--d-model {cfg.d_model} --layers {cfg.n_layers} --threads {args.threads} --seed {args.seed}")
+    gen, block = RECOMMENDED["gen_length"], RECOMMENDED["block_length"]
     return f"""---
 license: apache-2.0
 language: en
@@ -54,9 +56,11 @@ Trained on sequences of at most {max_train_len} tokens; keep prompt + canvas sho
 
 ## Use
 Chat format: LLaDA-8B-Instruct's template (`<|startoftext|><|start_header_id|>user<|end_header_id|>\\n\\n...<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`).
-Recommended decoding: `gen_length` (max_tokens) 32, `block_length` 8,
-`steps` 32, `low_confidence` remasking, temperature 0. Answers end with
-`<|eot_id|>` followed by `<|endoftext|>` padding.
+Recommended decoding: `gen_length` (max_tokens) {gen}, `block_length` {block},
+one token per step, `low_confidence` remasking, temperature 0; the first two
+are in `generation_config.json` (`max_new_tokens`, `block_length`), which
+llada-serve uses when a request gives none. Answers end with `<|eot_id|>`
+followed by `<|endoftext|>` padding.
 
 ## Training
 - Corpus: the King James Bible, from Debian's `bible-kjv-text` package
@@ -77,8 +81,8 @@ Recommended decoding: `gen_length` (max_tokens) 32, `block_length` 8,
   threads, so a slower CPU takes fewer steps).
 
 ## Scores
-Held-out items, exact match, greedy low-confidence decoding (gen_length 32,
-block_length 8, steps 32), from the training script's own decoder
+Held-out items, exact match, greedy low-confidence decoding (gen_length {gen},
+block_length {block}, one token per step), from the training script's own decoder
 ({eval_s:.0f} s); `benchmarks/eval_tasks.py` is the official evaluation.
 
 | task | format | exact match | n | real words |

@@ -1,0 +1,101 @@
+"""The bundled demo model (server/assets/llada-demo): it ships, it is the
+default model, it answers a few fixed task prompts, and the engine's exact
+mode with early stop gives LLaDA's reference answers on it."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import httpx
+import pytest
+import torch
+
+from sampler.params import DiffusionParams
+from sampler.reference import generate
+from server.__main__ import build_parser, bundled_model
+from server.api.launch import build_configs
+from server.engine.llm import LLM
+from tests.conftest import REPO
+
+DEMO = REPO / "server" / "assets" / "llada-demo"
+
+# Fixed prompts with their true answers (computed, not recorded): the shipped
+# model answers these; benchmarks/eval_tasks.py measures the held-out rates.
+REVERSE = ["apple banana cherry", "dog cat horse cow", "red blue green", "sun moon star cloud rain"]
+
+
+def reverse(words: str) -> str:
+    return " ".join(reversed(words.split()))
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    assert (DEMO / "config.json").is_file(), "the demo model must ship in server/assets/llada-demo"
+    return LLM(str(DEMO), device="cpu")
+
+
+def test_it_ships_small_with_a_card():
+    files = list(DEMO.iterdir())
+    assert sum(f.stat().st_size for f in files) <= 30 * 2**20
+    names = {f.name for f in files}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json", "README.md"} <= names
+    card = (DEMO / "README.md").read_text()
+    assert "license:" in card and "| reverse |" in card and "train_demo_model.py" in card
+
+
+def test_it_is_the_default_model_with_its_recommended_decoding():
+    assert bundled_model() == str(DEMO)
+    args = build_parser().parse_args(["serve"])
+    assert args.model == str(DEMO)
+    _, _, server = build_configs(args)
+    recommended = json.loads((DEMO / "generation_config.json").read_text())
+    assert (server.default_max_tokens, server.default_block_length) == \
+        (recommended["max_new_tokens"], recommended["block_length"])
+
+
+def test_cli_answers_the_readme_prompt():
+    out = subprocess.run([sys.executable, "-m", "server", "generate", "--chat", "--prompt",
+                          "reverse: apple banana cherry"], cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "cherry banana apple"
+
+
+def test_fixed_task_prompts_in_one_batch(llm):
+    outs = llm.chat([[{"role": "user", "content": "reverse: " + w}] for w in REVERSE],
+                    DiffusionParams(gen_length=32, block_length=8))
+    assert [o.text for o in outs] == [reverse(w) for w in REVERSE]
+    assert all(o.finish_reason == "stop" for o in outs)
+
+
+@pytest.mark.parametrize("gen_length,block_length", [(32, 8), (64, 32)])
+def test_exact_mode_with_early_stop_is_the_reference(llm, gen_length, block_length):
+    """Token for token against sampler/reference.py (every step over the whole
+    canvas, no early stop), cut at the first EOS/EoT; the engine stops early."""
+    prompts = [llm.tokenizer.encode_chat([{"role": "user", "content": "reverse: " + w}]) for w in REVERSE[:2]]
+    params = DiffusionParams(gen_length=gen_length, block_length=block_length)
+    outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        x = generate(llm.engine.model.forward_dense, torch.tensor([prompt]), None, steps=gen_length,
+                     gen_length=gen_length, block_length=block_length, mask_id=llm.engine.mask_id)
+        row = x[0, len(prompt):].tolist()
+        end = next(i for i, t in enumerate(row) if t in llm.engine.stop_ids)
+        assert out.token_ids == row[:end]
+        assert out.num_steps < gen_length  # the answer was fixed before the canvas was full
+
+
+def test_server_chat_on_the_demo_model():
+    from tests.api.conftest import start_server
+
+    _, _, config = build_configs(build_parser().parse_args(["serve"]))  # what `llada-serve` runs with
+    live = start_server(DEMO, config)
+    try:
+        r = httpx.post(live.url + "/v1/chat/completions", timeout=60,
+                       json={"messages": [{"role": "user", "content": "reverse: apple banana cherry"}]})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == "cherry banana apple"
+        assert body["choices"][0]["finish_reason"] == "stop"
+    finally:
+        live.stop()
