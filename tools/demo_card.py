@@ -73,7 +73,7 @@ followed by `<|endoftext|>` padding.
   cross-entropy on masked tokens weighted by 1/t). Pretraining on KJV text
   ({args.pretrain_share:.0%} of the budget), then SFT with the prompt never masked and the
   answer padded with `<|endoftext|>` to the canvas (loss on the padding too).
-- {st['step']} steps, {st['tokens'] / 1e6:.1f}M tokens, {st['elapsed'] / 60:.1f} minutes of compute on {torch.get_num_threads()} CPU threads ({cpu};
+- {st['step']} steps, {st['tokens'] / 1e6:.1f}M tokens, {st['elapsed'] / 60:.1f} minutes of compute on {torch.get_num_threads()} CPU thread(s) ({cpu};
   {st.get('wall', 0) / 60:.0f} minutes of wall time on a machine shared with other jobs);
   AdamW, bf16 autocast, float32 weights. Final loss (EMA): pretraining
   {last.get('pretrain')}, SFT {last.get('sft')}.
