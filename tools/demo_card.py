@@ -39,8 +39,8 @@ tags: [llada, masked-diffusion, demo]
 ---
 # llada-demo
 
-A tiny LLaDA-architecture masked diffusion model, trained from scratch on two
-CPU cores in about {st['elapsed'] / 60:.0f} minutes, bundled with llada-serve so the server
+A tiny LLaDA-architecture masked diffusion model, trained from scratch on
+{args.threads} CPU thread(s) in about {st['elapsed'] / 60:.0f} minutes, bundled with llada-serve so the server
 answers something meaningful on a fresh machine without downloads. It is a
 demo and a quality signal for decoding options, not a general assistant: it
 knows the King James Bible's style and four toy chat tasks.
