@@ -86,14 +86,12 @@ def main() -> None:
     from server.__main__ import bundled_model
     from server.engine.llm import LLM
 
-    from server.models.loader import generation_defaults, resolve_model_path
+    from server.models.loader import recommended_decoding
 
     model = args.model or bundled_model()
-    recommended = generation_defaults(resolve_model_path(model))  # the model card's decoding
-    if args.gen_length is None:
-        args.gen_length = recommended.get("gen_length", 32)
-    if args.block_length is None:
-        args.block_length = recommended.get("block_length", 8)
+    recommended = recommended_decoding(model, gen_length=32, block_length=8)  # the model card's decoding
+    args.gen_length = args.gen_length if args.gen_length is not None else recommended["gen_length"]
+    args.block_length = args.block_length if args.block_length is not None else recommended["block_length"]
     params = params_from(args)
     llm = LLM(model, dtype=args.dtype, device="cpu", max_num_seqs=256,
               max_num_batched_tokens=1 << 20)

@@ -109,12 +109,12 @@ def _render(llm, req) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     from sampler.params import DiffusionParams
     from server.engine.llm import LLM
-    from server.models.loader import generation_defaults, resolve_model_path
+    from server.models.loader import recommended_decoding
 
     try:
-        model_defaults = generation_defaults(resolve_model_path(args.model))  # the checkpoint's recommendation
-        gen_length = args.gen_length if args.gen_length is not None else model_defaults.get("gen_length", 64)
-        block_length = args.block_length if args.block_length is not None else model_defaults.get("block_length", 32)
+        model_defaults = recommended_decoding(args.model, gen_length=64, block_length=32)
+        gen_length = args.gen_length if args.gen_length is not None else model_defaults["gen_length"]
+        block_length = args.block_length if args.block_length is not None else model_defaults["block_length"]
         params = DiffusionParams(gen_length=gen_length, steps=args.steps, block_length=block_length,
                                  temperature=args.temperature, remasking=args.remasking,
                                  cfg_scale=args.cfg_scale, seed=args.seed)

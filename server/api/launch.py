@@ -56,9 +56,9 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
     """The three configs from the parsed flags. Request defaults the user
     left out come from the checkpoint's generation_config.json, then the
     built-ins. Raises ValueError naming a bad flag or checkpoint."""
-    from server.models.loader import generation_defaults, resolve_model_path
+    from server.models.loader import recommended_decoding
 
-    model_defaults = generation_defaults(resolve_model_path(args.model))
+    model_defaults = recommended_decoding(args.model, gen_length=128, block_length=32)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                max_model_len=args.max_model_len)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
@@ -68,9 +68,9 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
         host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
         max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
         max_body_bytes=args.max_body_bytes,
-        default_max_tokens=_given(args.default_max_tokens, model_defaults.get("gen_length", 128)),
+        default_max_tokens=_given(args.default_max_tokens, model_defaults["gen_length"]),
         default_steps=args.default_steps,
-        default_block_length=_given(args.default_block_length, model_defaults.get("block_length", 32)),
+        default_block_length=_given(args.default_block_length, model_defaults["block_length"]),
         default_decoding=args.default_decoding, default_remasking=args.default_remasking,
         default_threshold=args.default_threshold, playground=not args.no_playground)
     return model_config, scheduler_config, server_config

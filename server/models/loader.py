@@ -77,6 +77,12 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
 GENERATION_DEFAULTS = {"max_new_tokens": "gen_length", "block_length": "block_length"}
 
 
+def recommended_decoding(model: str, **builtin: int) -> dict[str, int]:
+    """``builtin`` (gen_length=..., block_length=...) overridden by what the
+    checkpoint ``model`` recommends: the defaults for flags the user left out."""
+    return builtin | generation_defaults(resolve_model_path(model))
+
+
 def generation_defaults(path: Path) -> dict[str, int]:
     """The decoding a checkpoint recommends in its generation_config.json
     (``max_new_tokens``, ``block_length``), as DiffusionParams
