@@ -9,6 +9,9 @@ whatever requests share the batch.
 """
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -138,20 +141,103 @@ def varlen_attention(
     p // causal_block; queries and current keys are the same tokens, and
     cached keys are the sequence's positions [0, cache_seqlens[i]).
 
-    Sequences of similar lengths share one padded SDPA call (each sequence's
-    keys in its own row, cached ones first, padding masked out), so a step
-    costs a few calls per layer, not one per sequence; ``attention_groups``
-    bounds the padding."""
+    Sequences of similar lengths share one padded computation (each
+    sequence's keys in its own row, cached ones first, padding masked out),
+    so a step costs a few calls per layer, not one per sequence;
+    ``attention_groups`` bounds the padding. The gather indices depend only
+    on the lengths and the block table, so every layer of a step reuses the
+    plan the first layer built."""
     num_seqs = len(cu_seqlens_q) - 1
-    use_cache = k_cache is not None and cache_seqlens is not None
-    cached = list(cache_seqlens) if use_cache else [0] * num_seqs
-    q_lens = [cu_seqlens_q[i + 1] - cu_seqlens_q[i] for i in range(num_seqs)]
-    k_lens = [cached[i] + cu_seqlens_k[i + 1] - cu_seqlens_k[i] for i in range(num_seqs)]
+    use_cache = k_cache is not None and cache_seqlens is not None and any(cache_seqlens)
+    cached = tuple(map(int, cache_seqlens)) if use_cache else (0,) * num_seqs
+    table = tuple(map(tuple, block_table.tolist())) if use_cache else None
+    page_size = k_cache.shape[1] if use_cache else 0
+    plan = _attention_plan(tuple(map(int, cu_seqlens_q)), tuple(map(int, cu_seqlens_k)), cached, table, page_size,
+                           str(q.device))
     out = torch.empty_like(q)
-    for group in attention_groups(q_lens, k_lens):
-        _attend_padded(out, q, k, v, group, cu_seqlens_q, cu_seqlens_k, cached,
-                       k_cache if use_cache else None, v_cache, block_table, scale, causal_block, positions)
+    for g in plan:
+        if g.batch == 1:  # plain slices, no padding
+            queries, keys, values = q[g.q0:g.q1][None], k[g.k0:g.k1][None], v[g.k0:g.k1][None]
+            if g.cache_src is not None:
+                keys = torch.cat([k_cache.flatten(0, 1).index_select(0, g.cache_src)[None], keys], dim=1)
+                values = torch.cat([v_cache.flatten(0, 1).index_select(0, g.cache_src)[None], values], dim=1)
+        else:
+            queries = q.index_select(0, g.q_src).unflatten(0, (g.batch, -1))  # (batch, max_q, heads, dim)
+            keys = k.index_select(0, g.k_src).unflatten(0, (g.batch, -1))  # (batch, max_k, kv_heads, dim)
+            values = v.index_select(0, g.k_src).unflatten(0, (g.batch, -1))
+            if g.cache_src is not None:
+                from_cache = g.is_cached[:, :, None, None]
+                keys = torch.where(from_cache, k_cache.flatten(0, 1).index_select(0, g.cache_src).view_as(keys), keys)
+                values = torch.where(from_cache, v_cache.flatten(0, 1).index_select(0, g.cache_src).view_as(values),
+                                     values)
+        mask = g.key_mask
+        if causal_block:
+            q_pos = positions.index_select(0, g.q_src).view(g.batch, -1)
+            k_pos = torch.where(g.is_cached, g.key_slot, positions.index_select(0, g.k_src).view(g.batch, -1))
+            mask = (k_pos[:, None, :] // causal_block) <= (q_pos[:, :, None] // causal_block)
+            mask = mask if g.key_mask is None else mask & g.key_mask
+        o = _softmax_attention(queries, keys, values, mask, scale)  # (batch, max_q, heads, dim)
+        if g.batch == 1:
+            out[g.q0:g.q1] = o[0]
+        else:
+            out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_src))
     return out
+
+
+@dataclass(frozen=True)
+class _Group:
+    """The gather indices of one group of sequences attended together. Query
+    padding reads the sequence's first query; key padding and cached slots
+    read one of the sequence's current keys (any valid row: they are
+    replaced or masked)."""
+
+    batch: int  # sequences in the group
+    q_src: torch.Tensor  # (batch * max_q,) rows of q
+    k_src: torch.Tensor  # (batch * max_k,) rows of k
+    cache_src: torch.Tensor | None  # slots in the flattened cache: (batch * max_k,), or (n,) when batch == 1
+    is_cached: torch.Tensor  # (batch, max_k) bool: the slot holds a cached key
+    key_slot: torch.Tensor  # (1, max_k) slot index j (a cached key's canvas position)
+    key_mask: torch.Tensor | None  # (batch, 1, max_k) bool keys that exist; None = all do
+    out_rows: torch.Tensor | None  # (num_queries,) rows of out ...
+    out_src: torch.Tensor | None  # ... and the (batch * max_q) rows they come from
+    q0: int = 0  # batch == 1: the sequence's query and current-key spans
+    q1: int = 0
+    k0: int = 0
+    k1: int = 0
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], cached: tuple[int, ...],
+                    table: tuple[tuple[int, ...], ...] | None, page_size: int, device: str) -> list[_Group]:
+    num_seqs = len(cu_q) - 1
+    q_lens = [cu_q[i + 1] - cu_q[i] for i in range(num_seqs)]
+    k_lens = [cached[i] + cu_k[i + 1] - cu_k[i] for i in range(num_seqs)]
+
+    def tensor(values, dtype=torch.long) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    plan = []
+    for group in attention_groups(q_lens, k_lens):
+        batch = len(group)
+        max_q, max_k = max(q_lens[i] for i in group), max(k_lens[i] for i in group)
+        q_src, k_src, cache_src, is_cached, key_valid, out_rows, out_src = [], [], [], [], [], [], []
+        for b, i in enumerate(group):
+            n, any_key = cached[i], cu_k[i] if cu_k[i + 1] > cu_k[i] else 0
+            q_src += [*range(cu_q[i], cu_q[i + 1])] + [cu_q[i]] * (max_q - q_lens[i])
+            k_src += [any_key] * n + [*range(cu_k[i], cu_k[i + 1])] + [any_key] * (max_k - k_lens[i])
+            cache_src += [table[i][j // page_size] * page_size + j % page_size for j in range(n)]
+            cache_src += [] if batch == 1 else [0] * (max_k - n)
+            is_cached += [True] * n + [False] * (max_k - n)
+            key_valid += [True] * k_lens[i] + [False] * (max_k - k_lens[i])
+            out_rows += range(cu_q[i], cu_q[i + 1])
+            out_src += range(b * max_q, b * max_q + q_lens[i])
+        key_mask = None if all(key_valid) else tensor(key_valid, torch.bool).view(batch, 1, max_k)
+        spans = (cu_q[group[0]], cu_q[group[0] + 1], cu_k[group[0]], cu_k[group[0] + 1]) if batch == 1 else ()
+        plan.append(_Group(
+            batch, tensor(q_src), tensor(k_src), tensor(cache_src) if any(cached[i] for i in group) else None,
+            tensor(is_cached, torch.bool).view(batch, max_k), torch.arange(max_k, device=device)[None], key_mask,
+            None if batch == 1 else tensor(out_rows), None if batch == 1 else tensor(out_src), *spans))
+    return plan
 
 
 def attention_groups(q_lens: list[int], k_lens: list[int], max_waste: float = 2.0) -> list[list[int]]:
@@ -176,66 +262,6 @@ def attention_groups(q_lens: list[int], k_lens: list[int], max_waste: float = 2.
         groups.append([i])
         work, max_q, min_row = row, q_lens[i], row
     return groups
-
-
-def _attend_padded(out, q, k, v, group, cu_q, cu_k, cached, k_cache, v_cache, block_table, scale,
-                   causal_block, positions) -> None:
-    """Attention for the sequences in ``group`` as one (len(group), heads,
-    max_q, max_k) batched computation; writes their rows of ``out``."""
-    if len(group) == 1:  # plain slices, no padding
-        i = group[0]
-        q0, q1, k0, k1, n = cu_q[i], cu_q[i + 1], cu_k[i], cu_k[i + 1], cached[i]
-        keys, values = k[k0:k1], v[k0:k1]
-        if n:
-            page_size = k_cache.shape[1]
-            pages = block_table[i, : (n + page_size - 1) // page_size].long()
-            keys = torch.cat([k_cache[pages].flatten(0, 1)[:n], keys])
-            values = torch.cat([v_cache[pages].flatten(0, 1)[:n], values])
-        mask = None
-        if causal_block:
-            k_pos = torch.cat([torch.arange(n, device=q.device), positions[k0:k1]])
-            mask = ((k_pos[None, :] // causal_block) <= (positions[q0:q1, None] // causal_block))[None]
-        o = _softmax_attention(q[q0:q1][None], keys[None], values[None], mask, scale)
-        out[q0:q1] = o[0]
-        return
-
-    dev = q.device
-    q_start = torch.tensor([cu_q[i] for i in group], device=dev)
-    q_len = torch.tensor([cu_q[i + 1] - cu_q[i] for i in group], device=dev)
-    k_start = torch.tensor([cu_k[i] for i in group], device=dev)
-    n_cached = torch.tensor([cached[i] for i in group], device=dev)
-    k_len = n_cached + torch.tensor([cu_k[i + 1] - cu_k[i] for i in group], device=dev)
-    max_q = max(cu_q[i + 1] - cu_q[i] for i in group)
-    max_k = max(cached[i] + cu_k[i + 1] - cu_k[i] for i in group)
-
-    # Queries: (group, max_q) rows of q; padding rows read row 0 and are dropped.
-    jq = torch.arange(max_q, device=dev)[None, :]
-    q_valid = jq < q_len[:, None]
-    q_rows = torch.where(q_valid, q_start[:, None] + jq, 0)
-    # Keys: slot j of sequence b holds its cached key j (j < n_cached[b]),
-    # then its current keys, then padding (masked).
-    jk = torch.arange(max_k, device=dev)[None, :]
-    k_valid = jk < k_len[:, None]
-    is_cached = jk < n_cached[:, None]
-    k_rows = torch.where(k_valid & ~is_cached, k_start[:, None] + jk - n_cached[:, None], 0)
-    keys, values = k[k_rows], v[k_rows]  # (group, max_k, kv_heads, head_dim)
-    if any(cached[i] for i in group):
-        page_size = k_cache.shape[1]
-        table = block_table[group].long()  # (group, max_pages)
-        page = torch.clamp(jk // page_size, max=table.shape[1] - 1).expand(len(group), -1)
-        slots = torch.where(is_cached, table.gather(1, page) * page_size + jk % page_size, 0)
-        keys = torch.where(is_cached[..., None, None], k_cache.flatten(0, 1)[slots], keys)
-        values = torch.where(is_cached[..., None, None], v_cache.flatten(0, 1)[slots], values)
-
-    mask = None
-    if causal_block:
-        k_pos = torch.where(is_cached, jk, positions[k_rows])  # (group, max_k)
-        mask = (k_pos[:, None, :] // causal_block) <= (positions[q_rows][:, :, None] // causal_block)
-        mask = mask & k_valid[:, None, :]  # (group, max_q, max_k)
-    elif not bool(k_valid.all()):
-        mask = k_valid[:, None, :]  # (group, 1, max_k)
-    o = _softmax_attention(q[q_rows], keys, values, mask, scale)
-    out[q_rows[q_valid]] = o[q_valid]
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,

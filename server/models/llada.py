@@ -186,12 +186,12 @@ class LLaDAModel(nn.Module):
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
              logits_indices: torch.Tensor | None) -> torch.Tensor:
         sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
-        sin, cos = sin[positions][:, None, :], cos[positions][:, None, :]  # (num_tokens, 1, head_dim)
+        sin, cos = sin.index_select(0, positions)[:, None, :], cos.index_select(0, positions)[:, None, :]
         x = self.wte(input_ids)
         for i, block in enumerate(self.blocks):
             x = block(x, sin, cos, functools.partial(attend, i))
         if logits_indices is not None:
-            x = x[logits_indices]  # the LM head only where the sampler needs logits
+            x = x.index_select(0, logits_indices)  # the LM head only where the sampler needs logits
         x = self.ln_f(x)
         head = self.wte.weight if self.ff_out is None else self.ff_out.weight
         return F.linear(x, head)
