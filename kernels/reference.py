@@ -163,13 +163,15 @@ def varlen_attention(
                 values = torch.cat([v_cache.flatten(0, 1).index_select(0, g.cache_src)[None], values], dim=1)
         else:
             queries = q.index_select(0, g.q_src).unflatten(0, (g.batch, -1))  # (batch, max_q, heads, dim)
-            keys = k.index_select(0, g.k_src).unflatten(0, (g.batch, -1))  # (batch, max_k, kv_heads, dim)
-            values = v.index_select(0, g.k_src).unflatten(0, (g.batch, -1))
-            if g.cache_src is not None:
-                from_cache = g.is_cached[:, :, None, None]
-                keys = torch.where(from_cache, k_cache.flatten(0, 1).index_select(0, g.cache_src).view_as(keys), keys)
-                values = torch.where(from_cache, v_cache.flatten(0, 1).index_select(0, g.cache_src).view_as(values),
-                                     values)
+            if g.cache_src is None:
+                keys, values = k.index_select(0, g.k_src), v.index_select(0, g.k_src)
+            else:  # the cached slots, then the current keys copied over their slots
+                keys = k_cache.flatten(0, 1).index_select(0, g.cache_src)
+                values = v_cache.flatten(0, 1).index_select(0, g.cache_src)
+                k_cur, v_cur = (k, v) if g.cur_src is None else (k.index_select(0, g.cur_src), v.index_select(0, g.cur_src))
+                keys.index_copy_(0, g.cur_dst, k_cur)
+                values.index_copy_(0, g.cur_dst, v_cur)
+            keys, values = keys.unflatten(0, (g.batch, -1)), values.unflatten(0, (g.batch, -1))
         mask = g.key_mask
         if causal_block:
             q_pos = positions.index_select(0, g.q_src).view(g.batch, -1)
@@ -195,6 +197,8 @@ class _Group:
     q_src: torch.Tensor  # (batch * max_q,) rows of q
     k_src: torch.Tensor  # (batch * max_k,) rows of k
     cache_src: torch.Tensor | None  # slots in the flattened cache: (batch * max_k,), or (n,) when batch == 1
+    cur_src: torch.Tensor | None  # with a cache: the group's rows of k (None: all of them, in order) ...
+    cur_dst: torch.Tensor | None  # ... and the (batch * max_k) slots they take
     is_cached: torch.Tensor  # (batch, max_k) bool: the slot holds a cached key
     key_slot: torch.Tensor  # (1, max_k) slot index j (a cached key's canvas position)
     key_mask: torch.Tensor | None  # (batch, 1, max_k) bool keys that exist; None = all do
@@ -221,20 +225,28 @@ def _attention_plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], cached: tuple[
         batch = len(group)
         max_q, max_k = max(q_lens[i] for i in group), max(k_lens[i] for i in group)
         q_src, k_src, cache_src, is_cached, key_valid, out_rows, out_src = [], [], [], [], [], [], []
+        cur = []  # (row of k, its slot) of the group's current keys
+        # Padding reads a cached key that exists (finite), then is masked.
+        filler = next((table[i][0] * page_size for i in group if cached[i]), 0)
         for b, i in enumerate(group):
             n, any_key = cached[i], cu_k[i] if cu_k[i + 1] > cu_k[i] else 0
             q_src += [*range(cu_q[i], cu_q[i + 1])] + [cu_q[i]] * (max_q - q_lens[i])
             k_src += [any_key] * n + [*range(cu_k[i], cu_k[i + 1])] + [any_key] * (max_k - k_lens[i])
             cache_src += [table[i][j // page_size] * page_size + j % page_size for j in range(n)]
-            cache_src += [] if batch == 1 else [0] * (max_k - n)
+            cache_src += [] if batch == 1 else [filler] * (max_k - n)
+            cur += [(r, b * max_k + n + r - cu_k[i]) for r in range(cu_k[i], cu_k[i + 1])]
             is_cached += [True] * n + [False] * (max_k - n)
             key_valid += [True] * k_lens[i] + [False] * (max_k - k_lens[i])
             out_rows += range(cu_q[i], cu_q[i + 1])
             out_src += range(b * max_q, b * max_q + q_lens[i])
         key_mask = None if all(key_valid) else tensor(key_valid, torch.bool).view(batch, 1, max_k)
         spans = (cu_q[group[0]], cu_q[group[0] + 1], cu_k[group[0]], cu_k[group[0] + 1]) if batch == 1 else ()
+        any_cached = any(cached[i] for i in group)
+        cur.sort()
+        cur_src = None if [r for r, _ in cur] == list(range(cu_k[-1])) else tensor([r for r, _ in cur])
         plan.append(_Group(
-            batch, tensor(q_src), tensor(k_src), tensor(cache_src) if any(cached[i] for i in group) else None,
+            batch, tensor(q_src), tensor(k_src), tensor(cache_src) if any_cached else None,
+            cur_src if any_cached else None, tensor([d for _, d in cur]) if any_cached else None,
             tensor(is_cached, torch.bool).view(batch, max_k), torch.arange(max_k, device=device)[None], key_mask,
             None if batch == 1 else tensor(out_rows), None if batch == 1 else tensor(out_src), *spans))
     return plan

@@ -119,6 +119,27 @@ class BodyLimit:
         return await self.app(scope, replay, send)
 
 
+class RequestId:
+    """Pure ASGI middleware: every HTTP response carries ``X-Request-Id``,
+    the client's own or a new one. (Starlette's ``@app.middleware("http")``
+    would pipe every streamed chunk through an extra task and memory stream.)"""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid)]}
+            await send(message)
+
+        return await self.app(scope, receive, send_with_id)
+
+
 class InFlight:
     """Pure ASGI middleware counting generation requests from arrival until
     their response (streamed or not) has ended by any path, so draining waits
@@ -168,14 +189,6 @@ def build_app(state: ServerState, metrics) -> FastAPI:
     async def _unexpected(_: Request, e: Exception):
         logger.exception("unhandled error")
         return error_response(500, f"internal error: {type(e).__name__}", "server_error", None, "internal_error")
-
-    # -- request id ------------------------------------------------------------------------
-    @app.middleware("http")
-    async def _request_id(request: Request, call_next):
-        rid = request.headers.get("x-request-id") or uuid.uuid4().hex
-        response = await call_next(request)
-        response.headers["X-Request-Id"] = rid
-        return response
 
     # -- auth and availability ------------------------------------------------------------------
     async def check_key(request: Request) -> None:
@@ -278,4 +291,4 @@ def build_app(state: ServerState, metrics) -> FastAPI:
                 raise StarletteHTTPException(404, "Not Found")
             return FileResponse(STATIC / name, media_type=_PLAYGROUND_ASSETS[name], headers=_PLAYGROUND_HEADERS)
 
-    return BodyLimit(InFlight(app, state), cfg.max_body_bytes)
+    return RequestId(BodyLimit(InFlight(app, state), cfg.max_body_bytes))

@@ -21,7 +21,7 @@ class Choice:
     sent: int = 0  # characters of ``text`` already streamed
     finish_reason: str | None = None
     stopped_by_string: bool = False
-    num_steps: int = 0  # engine outputs seen
+    num_steps: int = 0  # forward passes its request has taken
     num_denoised: int = 0  # denoising steps seen (outputs that committed)
     block: int = 0  # index of the block the last step worked on
 

@@ -131,9 +131,10 @@ class OpenAIServing:
             raise APIError(429, *QUEUE_FULL)
         started = time.monotonic()
         streams = []
+        every_step = bool(req.stream and req.stream_options is not None and req.stream_options.include_denoising)
         try:  # queued now, before any response starts: overload is a real 429, streamed or not
             for r in engine_reqs:
-                streams.append(self.engine.submit(r))
+                streams.append(self.engine.submit(r, every_step))
         except (QueueFullError, EngineDeadError, EngineNotReadyError) as e:
             for r in engine_reqs[:len(streams)]:
                 self.engine.abort(r.req_id)
@@ -150,7 +151,7 @@ class OpenAIServing:
         decode = self.tokenizer_decode
         try:
             async for out in stream:
-                choice.num_steps += 1
+                choice.num_steps = out.num_steps
                 if out.finished and out.finish_reason == "error":
                     raise APIError(500, f"the request failed: {out.error}", "server_error", None, "internal_error")
                 if on_step is not None and out.committed is not None:

@@ -7,6 +7,11 @@ outputs back through a per-request asyncio queue. A caller that goes away
 before the next step. A failure inside one request fails that request alone;
 if the loop itself dies, every caller gets an error, ``is_dead`` turns true
 and ``on_fatal`` is called so the process can exit non-zero.
+
+A step's outputs reach the callers' event loop in one hand-over (one wake-up
+per step, not one per request), and a caller gets only the outputs it can
+use: those that extend the final prefix or finish the request, or every
+step's when it asked for them (the denoising stream).
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ class AsyncEngine:
         self._stop = False
         self._requests: dict[str, Request] = {}  # live requests, by req_id
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._every_step: set[str] = set()  # req_ids whose caller wants every step's output
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
 
     # -- lifecycle -------------------------------------------------------------
@@ -84,10 +90,11 @@ class AsyncEngine:
         self._check_alive()
         return self.engine.make_request(req_id, prompt_ids, params)
 
-    def submit(self, req: Request) -> AsyncIterator[RequestOutput]:
+    def submit(self, req: Request, every_step: bool = False) -> AsyncIterator[RequestOutput]:
         """Queues ``req`` now (raising QueueFullError, EngineDeadError or
         EngineNotReadyError at once) and returns the iterator of its outputs,
-        which ends with the finished one. Leaving the iteration early aborts
+        which ends with the finished one: those that add final tokens, or
+        with ``every_step`` one per step. Leaving the iteration early aborts
         the request; so does ``abort`` for a stream never iterated."""
         self._check_alive()
         if self.num_waiting >= self.max_queued_requests:
@@ -95,6 +102,8 @@ class AsyncEngine:
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[req.req_id] = (asyncio.get_running_loop(), queue)
         self._requests[req.req_id] = req
+        if every_step:
+            self._every_step.add(req.req_id)
         if self.dead is not None:  # the loop died between the check and the registration
             self._forget(req.req_id)
             self._check_alive()
@@ -125,6 +134,7 @@ class AsyncEngine:
 
     def _forget(self, req_id: str) -> None:
         self._streams.pop(req_id, None)
+        self._every_step.discard(req_id)
 
     def _check_alive(self) -> None:
         if self.dead is not None:
@@ -152,8 +162,7 @@ class AsyncEngine:
                 t0 = time.perf_counter()
                 outputs = self.engine.step()
                 self._record_step(time.perf_counter() - t0, outputs)
-                for out in outputs:
-                    self._deliver(out)
+                self._deliver_all(outputs)
         except BaseException as e:  # the loop itself broke: nothing can be served any more
             logger.exception("engine loop died")
             self.dead = error = e
@@ -201,7 +210,32 @@ class AsyncEngine:
         s = self.engine.scheduler
         self.metrics.set_queue(len(s.running), len(s.waiting) + sum(1 for v, _ in list(self._inbox) if v == "add"))
 
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """One step's outputs: metrics for all, then one hand-over per
+        caller event loop carrying what each caller wants."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        for out in outputs:
+            self._account(out)
+            if not (out.new_token_ids or out.finished or out.req_id in self._every_step):
+                continue
+            stream = self._streams.get(out.req_id)
+            if stream is not None:
+                batches.setdefault(stream[0], []).append((stream[1], out))
+            if out.finished:  # a stream never iterated leaves nothing behind
+                self._forget(out.req_id)
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the callers' loop is closed: they are gone
+                pass
+
     def _deliver(self, out: RequestOutput) -> None:
+        self._account(out)
+        self._send(out.req_id, out)
+        if out.finished:  # a stream never iterated leaves nothing behind
+            self._forget(out.req_id)
+
+    def _account(self, out: RequestOutput) -> None:
         m = self.metrics
         req = self._requests.get(out.req_id)
         if out.new_token_ids:
@@ -213,9 +247,6 @@ class AsyncEngine:
             if req is not None:
                 m.e2e.observe(time.monotonic() - req.arrival_time)
             self._requests.pop(out.req_id, None)
-        self._send(out.req_id, out)
-        if out.finished:  # a stream never iterated leaves nothing behind
-            self._streams.pop(out.req_id, None)
 
     def _send(self, req_id: str, item: object) -> None:
         stream = self._streams.get(req_id)
@@ -225,3 +256,8 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the caller's loop is closed: it is gone
                 pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

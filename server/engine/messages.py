@@ -54,3 +54,4 @@ class RequestOutput:
     error: str | None = None
     committed: tuple[list[int], list[int]] | None = None  # this step's (positions, tokens)
     confidences: list[float] | None = None  # this step's committed tokens' probabilities, aligned with committed
+    num_steps: int = 0  # forward passes the request has taken so far

@@ -139,5 +139,6 @@ class Scheduler:
                     req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids,
                     finished=req.status.is_finished,
                     finish_reason=req.status.value if req.status.is_finished else None,
-                    committed=committed, confidences=result.confidences.get(req.req_id)))
+                    committed=committed, confidences=result.confidences.get(req.req_id),
+                    num_steps=req.num_forward_steps))
         return outputs

@@ -39,11 +39,16 @@ class CacheView:
     cache_seqlens: list[int]  # seq -> cached keys its queries attend to besides its own tokens (0 = none)
     write_slots: torch.Tensor | None  # (num_tokens,) int64 flat slot page * page_size + offset; -1 = not stored
 
+    def __post_init__(self) -> None:
+        # The tokens that store (rows of k) and where: found once, used by every layer.
+        self._rows = self._slots = None
+        if self.write_slots is not None:
+            self._rows = (self.write_slots >= 0).nonzero().squeeze(1)
+            self._slots = self.write_slots.index_select(0, self._rows)
+
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores this layer's keys and values of the tokens that have a slot."""
-        if self.write_slots is None:
+        if self._rows is None or self._rows.numel() == 0:
             return
-        keep = self.write_slots >= 0
-        slots = self.write_slots[keep]
-        self.cache.k[layer].view(-1, *k.shape[1:])[slots] = k[keep]
-        self.cache.v[layer].view(-1, *v.shape[1:])[slots] = v[keep]
+        self.cache.k[layer].view(-1, *k.shape[1:]).index_copy_(0, self._slots, k.index_select(0, self._rows))
+        self.cache.v[layer].view(-1, *v.shape[1:]).index_copy_(0, self._slots, v.index_select(0, self._rows))

@@ -155,11 +155,10 @@ class LLaDABlock(nn.Module):
 
     def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attend: AttendFn) -> torch.Tensor:
         # x: (num_tokens, d_model)
-        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(self.attn_norm(x)).split([q_dim, kv_dim, kv_dim], dim=-1)
-        q = Rotary.rotate(q.view(-1, self.n_heads, self.head_dim), sin, cos)
-        k = Rotary.rotate(k.view(-1, self.n_kv_heads, self.head_dim), sin, cos)
-        v = v.view(-1, self.n_kv_heads, self.head_dim)
+        q_dim = self.n_heads * self.head_dim
+        qkv = self.qkv_proj(self.attn_norm(x)).view(-1, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
+        qk = Rotary.rotate(qkv[:, : self.n_heads + self.n_kv_heads], sin, cos)  # q and k heads in one pass
+        q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
         x = x + self.attn_out(attend(q, k, v).reshape(-1, q_dim))
         gate, up = self.gate_up_proj(self.ff_norm(x)).chunk(2, dim=-1)
         return x + self.ff_out(F.silu(gate) * up)

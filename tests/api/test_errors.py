@@ -93,7 +93,15 @@ def test_unknown_route_and_method(live):
 def test_request_id_is_echoed(live):
     r = httpx.get(live.url + "/health", headers={"X-Request-Id": "abc-123"})
     assert r.headers["x-request-id"] == "abc-123"
-    assert httpx.get(live.url + "/live").headers["x-request-id"]
+    ids = {httpx.get(live.url + "/live").headers["x-request-id"] for _ in range(2)}
+    assert len(ids) == 2 and all(len(i) == 32 for i in ids)  # a fresh one per request
+    with httpx.stream("POST", live.url + "/v1/chat/completions", json={**OK_CHAT, "stream": True},
+                      headers={"X-Request-Id": "stream-7"}) as r:
+        assert r.headers["x-request-id"] == "stream-7" and len(r.headers.get_list("x-request-id")) == 1
+        assert list(r.iter_lines())[-2] == "data: [DONE]"
+    r = httpx.post(live.url + "/v1/completions", json={**OK_COMP, "prompt": "x" * (2 << 20)},
+                   headers={"X-Request-Id": "too-big"})
+    assert r.status_code == 413 and r.headers["x-request-id"] == "too-big"
 
 
 def test_operational_routes(live):
