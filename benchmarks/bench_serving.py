@@ -163,20 +163,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--client", choices=("raw", "httpx"), default="raw",
                     help="raw: a minimal asyncio HTTP/1.1 client (little CPU); httpx: the httpx client")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the levels this many times in turn and report each level's median round, so "
+                         "that a machine whose speed drifts affects every level alike")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    rows = [asyncio.run(run_level(args.url, int(c), args.requests, args)) for c in args.concurrency.split(",")]
+    levels = [int(c) for c in args.concurrency.split(",")]
+    rounds = [[asyncio.run(run_level(args.url, c, args.requests, args)) for c in levels] for _ in range(args.rounds)]
+    rows = [median_row([r[i] for r in rounds]) for i in range(len(levels))]
     print(f"{'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT p50/p99 s':>15} | {'TPOT p50/p99 ms':>16} | "
           f"{'E2E p50/p99 s':>14} | fail")
     for r in rows:
         print(f"{r['concurrency']:>4} | {r['request_throughput']:>6.2f} | {r['output_tokens_per_s']:>9.1f} | "
               f"{r['ttft_p50_s']:>6.2f} / {r['ttft_p99_s']:<6.2f} | {1e3 * r['tpot_p50_s']:>7.1f} / "
               f"{1e3 * r['tpot_p99_s']:<6.1f} | {r['e2e_p50_s']:>5.2f} / {r['e2e_p99_s']:<6.2f} | {r['failures']}")
+    ratios = [r[-1]["output_tokens_per_s"] / r[0]["output_tokens_per_s"] for r in rounds]
     if len(rows) > 1:
         print(f"output tokens/s at concurrency {rows[-1]['concurrency']} vs {rows[0]['concurrency']}: "
-              f"{rows[-1]['output_tokens_per_s'] / rows[0]['output_tokens_per_s']:.2f}x")
+              f"{rows[-1]['output_tokens_per_s'] / rows[0]['output_tokens_per_s']:.2f}x"
+              + (f" (per round: {', '.join(f'{x:.2f}x' for x in ratios)})" if len(rounds) > 1 else ""))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "rounds": rounds,
+                                               "round_ratios": ratios}, indent=2))
+
+
+def median_row(runs: list[dict]) -> dict:
+    """The run with the median output tokens/s (the lower middle one for
+    an even count), failures summed over all runs."""
+    ranked = sorted(runs, key=lambda r: r["output_tokens_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "failures": sum(r["failures"] for r in runs), "runs": len(runs)}
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 that carries a real tokenizer (trained in the test)."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +33,24 @@ def test_chat_applies_the_template_without_extra_specials(text_checkpoint):
     assert text == "<|startoftext|><|start_header_id|>user<|end_header_id|>\n\nthe earth<|eot_id|>" \
                    "<|start_header_id|>assistant<|end_header_id|>\n\n"
     assert ids.count(fast.convert_tokens_to_ids("<|startoftext|>")) == 1
+
+
+TEXTS = ["the earth", "", "  two  spaces\nand a line", "caf\u00e9 \U0001F600 \u4f60\u597d",
+         "a <|eot_id|> inside", "<|startoftext|>already", "tabs\tand \r\n ends "]
+
+
+@pytest.mark.parametrize("model", ["text", "demo"])
+def test_fast_encoding_equals_the_transformers_call(text_checkpoint, model):
+    from server.__main__ import bundled_model
+
+    path = text_checkpoint[0] if model == "text" else bundled_model()
+    tok = Tokenizer.load(Path(path))
+    assert tok._backend is not None  # the fast path is the one under test
+    for text in TEXTS:
+        assert tok.encode(text) == tok.hf(text)["input_ids"], text
+        messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": text}]
+        rendered = tok.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert tok.encode_chat(messages) == tok.hf(rendered, add_special_tokens=False)["input_ids"], text
 
 
 def test_text_is_the_decoded_answer_cut_at_the_first_end_token(text_checkpoint):
