@@ -189,9 +189,9 @@ def varlen_attention(
 @dataclass(frozen=True)
 class _Group:
     """The gather indices of one group of sequences attended together. Query
-    padding reads the sequence's first query; key padding and cached slots
-    read one of the sequence's current keys (any valid row: they are
-    replaced or masked)."""
+    padding reads the sequence's first query; key padding reads a real key
+    (a current one, or with a cache the first cached slot of the group), so
+    every padded value is finite before the mask removes it."""
 
     batch: int  # sequences in the group
     q_src: torch.Tensor  # (batch * max_q,) rows of q
