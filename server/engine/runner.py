@@ -1,8 +1,9 @@
 """The model runner: the only place in the engine that builds tensors.
 
 It packs the scheduled canvases into one ragged batch (sequences end to end,
-``cu_seqlens``, no padding), runs the model with the LM head only on the rows
-(each sequence's masked positions in its current block), applies
+``cu_seqlens``, no padding), runs the model with the last layer and the LM
+head only on the rows (each sequence's masked positions in its current
+block; the other tokens still give that layer their keys and values), applies
 classifier-free guidance where asked, runs the sampler's denoising step and
 returns plain lists.
 
@@ -83,6 +84,12 @@ class ModelRunner:
                 cu_seqlens.append(start + len(s.canvas))
                 uncond_rows += [start + p for p in s.rows]
 
+        # Rows per packed sequence (conditional canvases, then unconditional
+        # ones), ascending: the last layer computes only these rows.
+        row_counts = [len(s.rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
+        rows_cu = [0]
+        for n in row_counts:
+            rows_cu.append(rows_cu[-1] + n)
         dev = self.device
         logits = self.model(  # (len(cond_rows) + len(uncond_rows), vocab)
             torch.tensor(ids, dtype=torch.long, device=dev),
@@ -90,6 +97,7 @@ class ModelRunner:
             cu_seqlens,
             torch.tensor(cond_rows + uncond_rows, dtype=torch.long, device=dev),
             self._cache_view(seqs, plans, cu_seqlens),
+            logits_cu_seqlens=rows_cu,
         )
         if uncond_rows:
             logits = self._guide(logits[: len(cond_rows)], logits[len(cond_rows):], seqs)

@@ -8,7 +8,9 @@ scaling, position i predicts token i.
 
 Two entry points share the layers:
 - ``forward``: a ragged (packed) batch, one row per token, sequences given by
-  ``cu_seqlens``; the LM head runs only on ``logits_indices``. The engine's path.
+  ``cu_seqlens``; the LM head runs only on ``logits_indices``, and with
+  ``logits_cu_seqlens`` so does the last layer (every token still gives it
+  its key and value). The engine's path.
 - ``forward_dense``: a (batch, length) tensor with an optional padding
   ``attention_mask``, positions numbered from 0 in every row, padded keys
   masked: exactly the reference's call signature, used by the reference
@@ -153,12 +155,17 @@ class LLaDABlock(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.d_model, 2 * cfg.mlp_hidden_size, bias=False)
         self.ff_out = nn.Linear(cfg.mlp_hidden_size, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attend: AttendFn) -> torch.Tensor:
-        # x: (num_tokens, d_model)
+    def forward(self, x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor, attend: AttendFn,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (num_tokens, d_model). With ``rows``, every token still gives
+        its key and value but only those rows query, and only they come out:
+        (len(rows), d_model)."""
         q_dim = self.n_heads * self.head_dim
         qkv = self.qkv_proj(self.attn_norm(x)).view(-1, self.n_heads + 2 * self.n_kv_heads, self.head_dim)
         qk = Rotary.rotate(qkv[:, : self.n_heads + self.n_kv_heads], sin, cos)  # q and k heads in one pass
         q, k, v = qk[:, : self.n_heads], qk[:, self.n_heads:], qkv[:, self.n_heads + self.n_kv_heads:]
+        if rows is not None:
+            q, x = q.index_select(0, rows), x.index_select(0, rows)
         x = x + self.attn_out(attend(q, k, v).reshape(-1, q_dim))
         gate, up = self.gate_up_proj(self.ff_norm(x)).chunk(2, dim=-1)
         return x + self.ff_out(F.silu(gate) * up)
@@ -183,12 +190,21 @@ class LLaDAModel(nn.Module):
         return self.wte.weight.dtype
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-             logits_indices: torch.Tensor | None) -> torch.Tensor:
+             logits_indices: torch.Tensor | None, rows_attend: AttendFn | None = None) -> torch.Tensor:
+        """With ``rows_attend`` (attention whose queries are the
+        ``logits_indices`` rows only), the last layer runs its queries, output
+        projection and MLP on those rows alone: nothing after it reads the
+        other tokens' states."""
         sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
         sin, cos = sin.index_select(0, positions)[:, None, :], cos.index_select(0, positions)[:, None, :]
         x = self.wte(input_ids)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, sin, cos, functools.partial(attend, i))
+            if i == last and rows_attend is not None and logits_indices is not None:
+                x = block(x, sin, cos, functools.partial(rows_attend, i), rows=logits_indices)
+                logits_indices = None
+            else:
+                x = block(x, sin, cos, functools.partial(attend, i))
         if logits_indices is not None:
             x = x.index_select(0, logits_indices)  # the LM head only where the sampler needs logits
         x = self.ln_f(x)
@@ -196,26 +212,34 @@ class LLaDAModel(nn.Module):
         return F.linear(x, head)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
-                logits_indices: torch.Tensor | None = None, cache: CacheView | None = None) -> torch.Tensor:
+                logits_indices: torch.Tensor | None = None, cache: CacheView | None = None,
+                logits_cu_seqlens: list[int] | None = None) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) packed sequences, sequence i
         spanning [cu_seqlens[i], cu_seqlens[i+1]). With ``cache``, tokens
         with a write slot store their keys/values, and sequence i's queries
         also attend to its first ``cache.cache_seqlens[i]`` cached keys.
+        ``logits_cu_seqlens`` (optional) says that ``logits_indices`` is
+        ascending with sequence i's rows at [logits_cu_seqlens[i],
+        logits_cu_seqlens[i+1]); the last layer then computes those rows only.
         Returns logits (len(logits_indices) or num_tokens, embedding_size)."""
         causal = {}
         if self.config.block_causal_size:
             causal = {"causal_block": self.config.block_causal_size, "positions": positions}
         if cache is None:
-            def attend(layer, q, k, v):
-                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, **causal)
+            def attend(layer, q, k, v, cu_q=cu_seqlens):
+                return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, **causal)
         else:
-            def attend(layer, q, k, v):
+            def attend(layer, q, k, v, cu_q=cu_seqlens):
                 cache.write(layer, k, v)
-                return ops.varlen_attention(q, k, v, cu_seqlens, cu_seqlens, k_cache=cache.cache.k[layer],
+                return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, k_cache=cache.cache.k[layer],
                                             v_cache=cache.cache.v[layer], block_table=cache.block_table,
                                             cache_seqlens=cache.cache_seqlens, **causal)
 
-        return self._run(input_ids, positions, attend, logits_indices)
+        # Block-causal attention takes the queries' positions from the keys', so it keeps every row.
+        rows_attend = None
+        if logits_cu_seqlens is not None and not causal:
+            rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
+        return self._run(input_ids, positions, attend, logits_indices, rows_attend)
 
     def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       logits_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -44,11 +44,11 @@ def _record_forwards(llm):
     model = llm.engine.model
     real = model.forward
 
-    def forward(input_ids, positions, cu_seqlens, logits_indices=None, cache=None):
+    def forward(input_ids, positions, cu_seqlens, logits_indices=None, cache=None, **kwargs):
         calls.append({"tokens": input_ids.tolist(), "positions": positions.tolist(),
                       "cached": None if cache is None else list(cache.cache_seqlens),
                       "stores": 0 if cache is None or cache.write_slots is None else int((cache.write_slots >= 0).sum())})
-        return real(input_ids, positions, cu_seqlens, logits_indices, cache)
+        return real(input_ids, positions, cu_seqlens, logits_indices, cache, **kwargs)
 
     model.forward = forward
     return calls

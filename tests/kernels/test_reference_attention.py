@@ -125,3 +125,15 @@ def test_similar_sequences_share_one_call_and_outliers_do_not():
     assert len(reference.attention_groups(lens, lens)) == 1
     groups = reference.attention_groups(lens + [4000], lens + [4000])
     assert [16] in groups and len(groups) == 2
+
+
+def test_fewer_queries_than_keys_with_a_cache():
+    # The last layer's shape: a few query rows per sequence over all its current and cached keys.
+    (q, k, v, cu, _), kwargs = ragged([12, 8, 30, 8], [40, 0, 9, 25])
+    q_lens = [3, 0, 5, 8]
+    cu_q = [0]
+    for n in q_lens:
+        cu_q.append(cu_q[-1] + n)
+    q = q[: cu_q[-1]]
+    out = reference.varlen_attention(q, k, v, cu_q, cu, **kwargs)
+    torch.testing.assert_close(out.double(), per_sequence(q, k, v, cu_q, cu, **kwargs), atol=1e-5, rtol=1e-5)

@@ -61,3 +61,26 @@ def test_lm_head_only_on_requested_rows(golden_dir, golden_logits):
     full = model(ids, positions, [0, 40, 80])
     rows = torch.tensor([3, 25, 41, 79])
     assert torch.equal(model(ids, positions, [0, 40, 80], rows), full[rows])
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 2e-5)])
+def test_last_layer_only_on_requested_rows(golden_dir, golden_logits, dtype, tol):
+    """With logits_cu_seqlens the last layer's queries, output projection and
+    MLP run on the requested rows alone; the logits stay the reference's."""
+    model = load_model(golden_dir, dtype, "cpu")
+    ids = golden_logits["logits_input_ids"].reshape(-1)
+    positions = torch.arange(40).repeat(2)
+    ref = golden_logits["logits_float64"].reshape(80, -1)
+    rows = torch.tensor([3, 4, 25, 41, 60, 79])
+    calls = []
+    last = model.blocks[-1]
+    real = last.forward
+    last.forward = lambda x, *a, **k: calls.append(k.get("rows") is not None) or real(x, *a, **k)
+    out = model(ids, positions, [0, 40, 80], rows, logits_cu_seqlens=[0, 3, 6])
+    assert calls == [True]  # the short path was taken
+    assert out.shape == (6, ref.shape[1]) and rel(out, ref[rows]) < tol
+    # A sequence without rows, in the middle of the batch.
+    three = torch.cat([ids[:40], ids[40:], ids[:40]])
+    out = model(three, torch.arange(40).repeat(3), [0, 40, 80, 120], torch.tensor([5, 90]),
+                logits_cu_seqlens=[0, 1, 1, 2])
+    assert rel(out, ref[[5, 10]]) < tol
