@@ -285,20 +285,32 @@ class OpenAIServing:
                 yield chunk([piece(c, None, None, role=True)])
         task = asyncio.ensure_future(run_all())
         try:
+            # Events that are ready together (a step's deltas; the finishing
+            # chunks, usage and [DONE]) leave in one write: the same lines,
+            # fewer syscalls.
+            pending: list[str] = []
             while True:
-                item = await queue.get()
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                for item in items:
+                    if item is None:
+                        break
+                    if isinstance(item, APIError):
+                        yield "".join(pending) + f"data: {json.dumps(item.body())}\n\ndata: [DONE]\n\n"
+                        return
+                    pending.append(item)
                 if item is None:
                     break
-                if isinstance(item, APIError):
-                    yield f"data: {json.dumps(item.body())}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                yield item
+                if all(c.finish_reason is not None for c in choices):
+                    continue  # the end follows at once: it goes with these
+                yield "".join(pending)
+                pending = []
             usage = self._usage_for(req, choices)
             self._log(resp_id, choices, usage, started)
             if req.stream_options is not None and req.stream_options.include_usage:
-                yield chunk([], usage)
-            yield "data: [DONE]\n\n"
+                pending.append(chunk([], usage))
+            yield "".join(pending) + "data: [DONE]\n\n"
         finally:  # a failed or abandoned stream stops every choice, not just the first
             task.cancel()
             for t in tasks:

@@ -89,6 +89,35 @@ def test_streamed_completion_raw_sse(live, offline):
     assert "usage" not in events[-1]
 
 
+def test_events_ready_together_leave_in_one_write(live):
+    """The finishing chunk, the usage chunk and [DONE] are one HTTP chunk
+    (one write), read here off the wire with its chunked framing intact."""
+    import socket
+    from urllib.parse import urlsplit
+
+    u = urlsplit(live.url)
+    data = json.dumps({"prompt": [5, 6, 7, 8], "max_tokens": 8, "block_length": 4, "stream": True,
+                       "stream_options": {"include_usage": True}}).encode()
+    with socket.create_connection((u.hostname, u.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(data) + data)
+        raw = b""
+        while chunk := sock.recv(65536):
+            raw += chunk
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    pieces = []
+    while body:
+        size_line, _, body = body.partition(b"\r\n")
+        size = int(size_line, 16)
+        pieces.append(body[:size].decode())
+        body = body[size + 2:]
+    pieces = [p for p in pieces if p]
+    last = pieces[-1]
+    assert last.endswith("data: [DONE]\n\n") and '"usage"' in last and '"finish_reason": "' in last
+    assert "".join(pieces).count("data: ") == sum(p.count("data: ") for p in pieces)  # nothing lost
+
+
 def test_n_and_prompt_lists(client, offline):
     out = client.completions.create(model=MODEL_NAME, prompt=["in the", "the earth"], n=2, max_tokens=8,
                                     temperature=1.0, seed=11, extra_body={"steps": 8, "block_length": 4})
