@@ -83,6 +83,10 @@ async def raw_sse_lines(url: str, path: str, body: dict) -> AsyncIterator[str]:
             yield buffer.decode().rstrip("\r")
     finally:
         writer.close()
+        try:
+            await writer.wait_closed()
+        except OSError:
+            pass
 
 
 async def httpx_sse_lines(client: httpx.AsyncClient, url: str, path: str, body: dict) -> AsyncIterator[str]:
@@ -179,13 +183,15 @@ def main() -> None:
               f"{1e3 * r['tpot_p99_s']:<6.1f} | {r['e2e_p50_s']:>5.2f} / {r['e2e_p99_s']:<6.2f} | {r['failures']}")
     # The headline ratio is the median of each round's own ratio (its levels
     # ran minutes apart at most), not the ratio of medians from different rounds.
-    ratios = [r[-1]["output_tokens_per_s"] / r[0]["output_tokens_per_s"] for r in rounds]
-    if len(rows) > 1:
+    ratios = [r[-1]["output_tokens_per_s"] / r[0]["output_tokens_per_s"] for r in rounds
+              if len(levels) > 1 and r[0]["output_tokens_per_s"] > 0]
+    if ratios:
         print(f"output tokens/s at concurrency {levels[-1]} vs {levels[0]}: {statistics.median(ratios):.2f}x"
               + (f" (median of rounds: {', '.join(f'{x:.2f}x' for x in ratios)})" if len(rounds) > 1 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "rounds": rounds,
-                                               "round_ratios": ratios, "ratio": statistics.median(ratios)}, indent=2))
+                                               "round_ratios": ratios,
+                                               "ratio": statistics.median(ratios) if ratios else None}, indent=2))
 
 
 def median_row(runs: list[dict]) -> dict:

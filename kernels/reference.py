@@ -212,7 +212,7 @@ class _Group:
 
 @functools.lru_cache(maxsize=8)
 def _attention_plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], cached: tuple[int, ...],
-                    table: tuple[tuple[int, ...], ...] | None, page_size: int, device: str) -> list[_Group]:
+                    table: tuple[tuple[int, ...], ...] | None, page_size: int, device: str) -> tuple[_Group, ...]:
     num_seqs = len(cu_q) - 1
     q_lens = [cu_q[i + 1] - cu_q[i] for i in range(num_seqs)]
     k_lens = [cached[i] + cu_k[i + 1] - cu_k[i] for i in range(num_seqs)]
@@ -249,7 +249,7 @@ def _attention_plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], cached: tuple[
             cur_src if any_cached else None, tensor([d for _, d in cur]) if any_cached else None,
             tensor(is_cached, torch.bool).view(batch, max_k), torch.arange(max_k, device=device)[None], key_mask,
             None if batch == 1 else tensor(out_rows), None if batch == 1 else tensor(out_src), *spans))
-    return plan
+    return tuple(plan)  # shared by every caller with these lengths: not to be changed
 
 
 def attention_groups(q_lens: list[int], k_lens: list[int], max_waste: float = 2.0) -> list[list[int]]:
@@ -285,19 +285,21 @@ def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     Scores, softmax and the weighted sum as two batched GEMMs: at the sizes a
     denoising step has on CPU (tens of queries and keys per sequence) this is
     about twice as fast as SDPA's flash kernel and equal to it up to float
-    rounding. The softmax runs in float32 (float64 for float64 inputs)."""
+    rounding. 16-bit inputs are computed in float32 (products, softmax and
+    weighted sum), float64 in float64."""
     num_heads, num_kv_heads = q.shape[2], k.shape[2]
+    out_dtype = q.dtype
+    if q.dtype not in (torch.float32, torch.float64):  # 16-bit inputs: products and sums in float32
+        q, k, v = q.float(), k.float(), v.float()
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if num_kv_heads != num_heads:
         kh, vh = kh.repeat_interleave(num_heads // num_kv_heads, 1), vh.repeat_interleave(num_heads // num_kv_heads, 1)
     scores = torch.matmul(qh, kh.transpose(-1, -2))  # (batch, heads, num_q, num_k)
-    if scores.dtype not in (torch.float32, torch.float64):
-        scores = scores.float()
     scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    o = torch.matmul(torch.softmax(scores, dim=-1).to(vh.dtype), vh)
-    return o.transpose(1, 2)
+    o = torch.matmul(torch.softmax(scores, dim=-1), vh)
+    return o.transpose(1, 2).to(out_dtype)
 
 
 def select_commits(

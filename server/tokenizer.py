@@ -20,8 +20,16 @@ class Tokenizer:
         self.hf = hf_tokenizer
         # A fast tokenizer's Rust backend encodes the same ids as calling the
         # transformers wrapper, without its per-call Python (a tenth of the
-        # server's event-loop time went there).
-        self._backend = hf_tokenizer.backend_tokenizer if getattr(hf_tokenizer, "is_fast", False) else None
+        # server's event-loop time went there). Our own copy, with the
+        # truncation and padding a tokenizer.json may carry switched off, as
+        # the wrapper switches them off for a plain call.
+        self._backend = None
+        if getattr(hf_tokenizer, "is_fast", False):
+            from tokenizers import Tokenizer as RustTokenizer
+
+            self._backend = RustTokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
 
     @classmethod
     def load(cls, path: Path) -> "Tokenizer | None":

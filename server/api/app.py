@@ -130,7 +130,7 @@ class RequestId:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = dict(scope["headers"]).get(b"x-request-id") or uuid.uuid4().hex.encode()
+        rid = next((v for k, v in scope["headers"] if k == b"x-request-id" and v), None) or uuid.uuid4().hex.encode()
 
         async def send_with_id(message):
             if message["type"] == "http.response.start":

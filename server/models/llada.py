@@ -237,6 +237,10 @@ class LLaDAModel(nn.Module):
 
         # Block-causal attention takes the queries' positions from the keys', so it keeps every row.
         rows_attend = None
+        if logits_cu_seqlens is not None:
+            if logits_indices is None or len(logits_cu_seqlens) != len(cu_seqlens) \
+                    or logits_cu_seqlens[-1] != logits_indices.numel():
+                raise ValueError("logits_cu_seqlens must give each sequence's share of logits_indices")
         if logits_cu_seqlens is not None and not causal:
             rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
         return self._run(input_ids, positions, attend, logits_indices, rows_attend)

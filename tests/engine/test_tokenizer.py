@@ -53,6 +53,24 @@ def test_fast_encoding_equals_the_transformers_call(text_checkpoint, model):
         assert tok.encode_chat(messages) == tok.hf(rendered, add_special_tokens=False)["input_ids"], text
 
 
+def test_fast_encoding_ignores_truncation_and_padding_in_tokenizer_json(text_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    path = text_checkpoint[0]
+    copy = tmp_path / "tok"
+    shutil.copytree(path, copy)
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["truncation"] = {"direction": "Right", "max_length": 3, "strategy": "LongestFirst", "stride": 0}
+    spec["padding"] = {"strategy": {"Fixed": 64}, "direction": "Right", "pad_to_multiple_of": None,
+                       "pad_id": 0, "pad_type_id": 0, "pad_token": "<|endoftext|>"}
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    tok = Tokenizer.load(copy)
+    text = "the earth is round and the sea is wide"
+    first = tok.encode(text)  # before any call through transformers
+    assert len(first) > 3 and first == tok.hf(text)["input_ids"] == tok.encode(text)
+
+
 def test_text_is_the_decoded_answer_cut_at_the_first_end_token(text_checkpoint):
     path, fast = text_checkpoint
     llm = LLM(str(path), device="cpu")

@@ -84,3 +84,12 @@ def test_last_layer_only_on_requested_rows(golden_dir, golden_logits, dtype, tol
     out = model(three, torch.arange(40).repeat(3), [0, 40, 80, 120], torch.tensor([5, 90]),
                 logits_cu_seqlens=[0, 1, 1, 2])
     assert rel(out, ref[[5, 10]]) < tol
+
+
+def test_logits_cu_seqlens_must_match_the_rows(golden_dir, golden_logits):
+    model = load_model(golden_dir, "float32", "cpu")
+    ids = golden_logits["logits_input_ids"].reshape(-1)
+    positions = torch.arange(40).repeat(2)
+    for rows, cu in [(torch.tensor([3, 41]), [0, 1]), (torch.tensor([3, 41]), [0, 1, 3]), (None, [0, 1, 2])]:
+        with pytest.raises(ValueError, match="logits_cu_seqlens"):
+            model(ids, positions, [0, 40, 80], rows, logits_cu_seqlens=cu)
