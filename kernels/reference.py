@@ -150,7 +150,7 @@ def varlen_attention(
     num_seqs = len(cu_seqlens_q) - 1
     use_cache = k_cache is not None and cache_seqlens is not None and any(cache_seqlens)
     cached = tuple(map(int, cache_seqlens)) if use_cache else (0,) * num_seqs
-    table = _table_key(block_table) if use_cache else None
+    table = tuple(map(tuple, block_table.tolist())) if use_cache else None
     page_size = k_cache.shape[1] if use_cache else 0
     plan = _attention_plan(tuple(map(int, cu_seqlens_q)), tuple(map(int, cu_seqlens_k)), cached, table, page_size,
                            str(q.device))
@@ -184,23 +184,6 @@ def varlen_attention(
         else:
             out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_src))
     return out
-
-
-_last_table: tuple[torch.Tensor, int, tuple] | None = None
-
-
-def _table_key(block_table: torch.Tensor) -> tuple[tuple[int, ...], ...]:
-    """The block table as a hashable plan key, read from the tensor once
-    per step rather than once per layer: the last table is remembered with
-    the tensor itself (so its identity cannot be reused) and its version
-    counter (so an in-place change is seen)."""
-    global _last_table
-    last = _last_table
-    if last is not None and last[0] is block_table and last[1] == block_table._version:
-        return last[2]
-    key = tuple(map(tuple, block_table.tolist()))
-    _last_table = (block_table, block_table._version, key)
-    return key
 
 
 @dataclass(frozen=True)
