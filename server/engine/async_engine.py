@@ -183,7 +183,7 @@ class AsyncEngine:
                     self.engine.scheduler.add(arg)
                 except Exception as e:  # one bad request fails alone
                     logger.exception("request %s could not be queued", arg.req_id)
-                    self._deliver(RequestOutput(arg.req_id, [], [], True, "error", f"{type(e).__name__}: {e}"))
+                    self._deliver_all([RequestOutput(arg.req_id, [], [], True, "error", f"{type(e).__name__}: {e}")])
             elif verb == "abort":
                 req_id, reason = arg
                 req = self.engine.scheduler.abort(req_id, reason)
@@ -228,12 +228,6 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # the callers' loop is closed: they are gone
                 pass
-
-    def _deliver(self, out: RequestOutput) -> None:
-        self._account(out)
-        self._send(out.req_id, out)
-        if out.finished:  # a stream never iterated leaves nothing behind
-            self._forget(out.req_id)
 
     def _account(self, out: RequestOutput) -> None:
         m = self.metrics

@@ -17,6 +17,7 @@ What each sequence puts through the model depends on its decoding mode:
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -87,9 +88,7 @@ class ModelRunner:
         # Rows per packed sequence (conditional canvases, then unconditional
         # ones), ascending: the last layer computes only these rows.
         row_counts = [len(s.rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
-        rows_cu = [0]
-        for n in row_counts:
-            rows_cu.append(rows_cu[-1] + n)
+        rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
         logits = self.model(  # (len(cond_rows) + len(uncond_rows), vocab)
             torch.tensor(ids, dtype=torch.long, device=dev),

@@ -192,15 +192,15 @@ class LLaDAModel(nn.Module):
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
              logits_indices: torch.Tensor | None, rows_attend: AttendFn | None = None) -> torch.Tensor:
         """With ``rows_attend`` (attention whose queries are the
-        ``logits_indices`` rows only), the last layer runs its queries, output
-        projection and MLP on those rows alone: nothing after it reads the
-        other tokens' states."""
+        ``logits_indices`` rows only, which must then be given), the last
+        layer runs its queries, output projection and MLP on those rows
+        alone: nothing after it reads the other tokens' states."""
         sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
         sin, cos = sin.index_select(0, positions)[:, None, :], cos.index_select(0, positions)[:, None, :]
         x = self.wte(input_ids)
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            if i == last and rows_attend is not None and logits_indices is not None:
+            if i == last and rows_attend is not None:
                 x = block(x, sin, cos, functools.partial(rows_attend, i), rows=logits_indices)
                 logits_indices = None
             else:
@@ -235,14 +235,13 @@ class LLaDAModel(nn.Module):
                                             v_cache=cache.cache.v[layer], block_table=cache.block_table,
                                             cache_seqlens=cache.cache_seqlens, **causal)
 
-        # Block-causal attention takes the queries' positions from the keys', so it keeps every row.
         rows_attend = None
         if logits_cu_seqlens is not None:
             if logits_indices is None or len(logits_cu_seqlens) != len(cu_seqlens) \
                     or logits_cu_seqlens[-1] != logits_indices.numel():
                 raise ValueError("logits_cu_seqlens must give each sequence's share of logits_indices")
-        if logits_cu_seqlens is not None and not causal:
-            rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
+            if not causal:  # block-causal attention takes the queries' positions from the keys': every row
+                rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
         return self._run(input_ids, positions, attend, logits_indices, rows_attend)
 
     def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
