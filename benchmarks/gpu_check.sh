@@ -1,59 +1,120 @@
 #!/usr/bin/env bash
-# GPU check for the Triton kernels (issue 5), on one CUDA machine in < 8 min:
-#   1. the kernel tests compiled for the GPU (bf16 and large shapes included),
-#   2. benchmarks/bench_attention.py and benchmarks/bench_unmask.py,
-#   3. a short summary table, printed last.
-# Everything lands in "${OUT:-benchmarks/out}": gpu.txt, pytest.txt, *.json, *.txt.
-# A failing step does not stop the next (GPU time is scarce); the exit status
-# is non-zero if any step failed.
+# One-shot GPU acceptance (issue 14 item 7): one run, under 8 minutes on one
+# H100/H200, of independent parts; each part runs even if an earlier one
+# failed, and a summary table is printed last.
+#
+#   bash benchmarks/gpu_check.sh                 # on the GPU machine
+#   bash benchmarks/gpu_check.sh --small         # CPU dry run at toy sizes (no measurement)
+#   bash benchmarks/gpu_check.sh --parts a,b     # only these parts, in this order
+#   bash benchmarks/gpu_check.sh --list          # the parts' names
+#
+# Writes three files into "${OUT:-benchmarks/out}" (the device tool brings
+# back at most 8): gpu_check.log (everything printed), gpu_check.json (every
+# part's record merged: {"machine": ..., "parts": {name: record}}) and
+# summary.txt (the table printed last). Exit status: non-zero if any part failed.
+#
+# The parts, in run order (PARTS below):
+#   kernels  (a) tests/kernels compiled for the GPU, bench_attention.py, bench_unmask.py
+#
+# Adding a part: write benchmarks/gpu_parts/NAME.py that calls
+# _part.run_part("NAME", body) (see kernels.py): it gets --json PATH and,
+# in a dry run, --small; it must write that JSON (run_part does, even on a
+# crash) with "ok" and "summary" (lines for the final table, ~100 chars
+# each). Then add "NAME SECONDS" to PARTS. SECONDS is its hard limit; keep
+# the sum of limits under GPU_CHECK_BUDGET (470 s): a part that would start
+# with less than its limit left gets only what is left, and none with
+# under 10 s. Make --small run on CPU in seconds (tests/test_gpu_check.py
+# dry-runs every part), and keep files a part writes elsewhere than $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+repo=$PWD
+
+PARTS=(
+    "kernels 190"
+)
+
+small=()
+only=""
+while [ $# -gt 0 ]; do
+    case $1 in
+        --small) small=(--small) ;;
+        --parts) only=$2; shift ;;
+        --list) for p in "${PARTS[@]}"; do echo "${p%% *}"; done; exit 0 ;;
+        *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+    esac
+    shift
+done
+
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
-unset TRITON_INTERPRET  # compiled kernels, not the interpreter
-export PYTHONDONTWRITEBYTECODE=1
-failed=()
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+exec > >(tee "$out/gpu_check.log") 2>&1
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+[ ${#small[@]} -gt 0 ] || unset TRITON_INTERPRET  # compiled kernels, not the interpreter
+budget=${GPU_CHECK_BUDGET:-470}
+start=$SECONDS
 
-step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep a log
-    local name=$1 limit=$2
-    shift 2
-    echo "== $name (limit ${limit}s)"
-    local t0=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee "$out/$name.txt"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: exit $rc after $((SECONDS - t0))s"
-    [ "$rc" -eq 0 ] || failed+=("$name")
-}
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"; } \
+    | tee "$work/machine.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" \
-    | tee -a "$out/gpu.txt"
-step pytest 240 python3 -m pytest tests/kernels -q -rs -p no:cacheprovider
-step bench_attention 150 python3 benchmarks/bench_attention.py --iters 20 --json "$out/bench_attention.json"
-step bench_unmask 75 python3 benchmarks/bench_unmask.py --iters 20 --json "$out/bench_unmask.json"
+    2>&1 | tee -a "$work/machine.txt"
 
-echo
-echo "== summary ($(head -n1 "$out/gpu.txt"))"
-grep -E "passed|failed|error" "$out/pytest.txt" | tail -n1
-python3 - "$out" <<'PY'
+names=()
+if [ -n "$only" ]; then
+    IFS=, read -r -a names <<< "$only"
+else
+    for p in "${PARTS[@]}"; do names+=("${p%% *}"); done
+fi
+for name in "${names[@]}"; do
+    limit=""
+    for p in "${PARTS[@]}"; do [ "${p%% *}" = "$name" ] && limit=${p##* }; done
+    if [ -z "$limit" ] || [ ! -f "benchmarks/gpu_parts/$name.py" ]; then
+        echo "== $name: no such part" | tee "$work/$name.skip"
+        continue
+    fi
+    left=$((budget - (SECONDS - start)))
+    [ "$limit" -le "$left" ] || limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, ${left}s of the ${budget}s budget left" | tee "$work/$name.skip"
+        continue
+    fi
+    echo "== $name (limit ${limit}s)"
+    t0=$SECONDS
+    timeout -k 10 "$limit" python3 "benchmarks/gpu_parts/$name.py" --json "$work/$name.json" "${small[@]}"
+    rc=$?
+    echo "$rc $((SECONDS - t0))" > "$work/$name.rc"
+    echo "== $name: exit $rc after $((SECONDS - t0))s"
+done
+
+python3 - "$work" "$out" "${names[@]}" <<'PY'
 import json, sys
 from pathlib import Path
-out = Path(sys.argv[1])
-att, unm = out / "bench_attention.json", out / "bench_unmask.json"
-if att.exists():
-    print(f"{'attention':24s} {'ours us':>9s} {'x sdpa loop':>11s} {'x sdpa dense':>12s} {'floor':>6s}")
-    for r in json.loads(att.read_text())["rows"]:
-        name = f"{r['case']} b{r['batch']} q{r['q_len']} kv{r['cache_len']}"
-        print(f"{name:24s} {r['ours_us']:9.1f} {r['speedup_vs_loop']:11.2f} {r['speedup_vs_batched']:12.2f} "
-              f"{r['floor_frac']:6.1%}")
-if unm.exists():
-    print(f"{'unmask':24s} {'ours us':>9s} {'x torch':>11s} {'':>12s} {'floor':>6s}")
-    for r in json.loads(unm.read_text())["rows"]:
-        name = f"{r['case']} b{r['batch']} rows{r['rows']}"
-        print(f"{name:24s} {r['ours_us']:9.1f} {r['speedup']:11.2f} {'':>12s} {r['floor_frac']:6.1%}")
+work, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+merged = {"machine": (work / "machine.txt").read_text().strip().splitlines(), "parts": {}}
+lines = [f"== summary: {' | '.join(merged['machine'])}", f"{'part':12s} {'status':8s} {'seconds':>7s}"]
+details, failed = [], []
+for name in names:
+    rec_path, rc_path, skip = work / f"{name}.json", work / f"{name}.rc", work / f"{name}.skip"
+    rc, secs = (rc_path.read_text().split() if rc_path.exists() else ("-", "0"))
+    if rec_path.exists():
+        rec = json.loads(rec_path.read_text())
+        if rc != "0" and rec.get("ok"):  # crashed or timed out after writing a record
+            rec["ok"] = False
+    elif skip.exists():
+        rec = {"part": name, "ok": False, "summary": [skip.read_text().strip()]}
+    else:
+        rec = {"part": name, "ok": False, "summary": [f"no record: exit {rc} ({'timed out' if rc in ('124', '137') else 'crashed'})"]}
+    rec["exit"], rec["wall_seconds"] = rc, int(secs)
+    merged["parts"][name] = rec
+    status = "ok" if rec.get("ok") else ("skipped" if skip.exists() else "FAILED")
+    if status != "ok":
+        failed.append(name)
+    lines.append(f"{name:12s} {status:8s} {int(secs):7d}")
+    details += [f"-- {name}"] + [f"   {s}" for s in rec.get("summary", [])]
+text = "\n".join(lines + details + ([f"FAILED: {' '.join(failed)}"] if failed else ["all parts passed"]))
+(out / "gpu_check.json").write_text(json.dumps(merged, indent=1, default=str))
+(out / "summary.txt").write_text(text + "\n")
+print("\n" + text)
+sys.exit(1 if failed else 0)
 PY
-if [ ${#failed[@]} -gt 0 ]; then
-    echo "FAILED: ${failed[*]}"
-    exit 1
-fi
-echo "all steps passed"

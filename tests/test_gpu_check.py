@@ -1,0 +1,30 @@
+"""benchmarks/gpu_check.sh dry-run on CPU (--small): every part runs without
+a Python error and writes its record, a missing part fails the run without
+stopping the next, and the merged JSON and summary land in $OUT."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from tests.conftest import REPO
+
+
+def test_every_part_dry_runs_on_cpu(tmp_path):
+    parts = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--list"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    assert "kernels" in parts
+    env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO))
+    order = ["no_such_part", *parts]  # a missing part first: the real ones still run
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--small", "--parts", ",".join(order)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    merged = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert list(merged["parts"]) == order
+    assert not merged["parts"]["no_such_part"]["ok"]
+    for name in parts:
+        rec = merged["parts"][name]
+        assert rec["ok"] and rec["small"] and rec["summary"], (name, rec)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.rstrip().endswith("FAILED: no_such_part") and all(name in summary for name in parts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.log", "summary.txt"]
