@@ -1,4 +1,5 @@
-"""DiffusionParams: the decoding settings of one request, validated once."""
+"""DiffusionParams: the decoding settings of one generation request, and
+LikelihoodParams: those of one likelihood estimate; each validated once."""
 from __future__ import annotations
 
 import random
@@ -72,3 +73,46 @@ class DiffusionParams:
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",
               f"must be an integer that fits in 64 bits, got {self.seed!r}")
+
+
+def default_batch_size(mc_num: int) -> int:
+    """The largest divisor of ``mc_num`` up to 16 (the reference's default batch)."""
+    return max(d for d in range(1, min(16, mc_num) + 1) if mc_num % d == 0)
+
+
+@dataclass
+class LikelihoodParams:
+    """The settings of one likelihood estimate (LLaDA's get_log_likelihood)."""
+
+    mc_num: int = 128  # Monte Carlo samples (the reference's default)
+    batch_size: int | None = None  # samples per stratified batch; None = default_batch_size(mc_num)
+    cfg_scale: float = 0.0  # classifier-free guidance on the mask predictor; 0 = off
+    check_greedy: bool = True  # also run the greedy check (is_greedy); False = is_greedy None
+    seed: int | None = None  # seeds the mask draws; None = drawn at creation
+
+    def __post_init__(self) -> None:
+        self.validate()
+        if self.batch_size is None:
+            self.batch_size = default_batch_size(self.mc_num)
+        if self.seed is None:
+            self.seed = random.getrandbits(63)
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first bad field."""
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        if not (is_int(self.mc_num) and 1 <= self.mc_num <= 65536):
+            raise ValueError(f"mc_num: must be an integer in [1, 65536], got {self.mc_num!r}")
+        if self.batch_size is not None:
+            if not (is_int(self.batch_size) and self.batch_size >= 1):
+                raise ValueError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
+            if self.mc_num % self.batch_size:
+                raise ValueError(f"batch_size: must divide mc_num ({self.mc_num}), got {self.batch_size}")
+        if not (isinstance(self.cfg_scale, (int, float)) and not isinstance(self.cfg_scale, bool)
+                and 0 <= self.cfg_scale <= 100):
+            raise ValueError(f"cfg_scale: must be a number in [0, 100], got {self.cfg_scale!r}")
+        if not isinstance(self.check_greedy, bool):
+            raise ValueError(f"check_greedy: must be a boolean, got {self.check_greedy!r}")
+        if self.seed is not None and not (is_int(self.seed) and -2**63 <= self.seed < 2**64):
+            raise ValueError(f"seed: must be an integer that fits in 64 bits, got {self.seed!r}")

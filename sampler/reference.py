@@ -1,6 +1,9 @@
 """The reference sampler: a plain transcription of LLaDA's ``generate()``
 (ML-GSAI/LLaDA, generate.py), the oracle the batched engine is tested
-against and the baseline benchmarks compare to.
+against and the baseline benchmarks compare to; and of its likelihood
+estimate ``get_log_likelihood`` (get_log_likelihood.py, the same code as
+eval_llada.py's) with eval_llada.py's greedy check
+``suffix_greedy_prediction``, the oracle of ``sampler.likelihood``.
 
 Four departures, each documented:
 - randomness: instead of the global ``torch.rand`` the noise is drawn from
@@ -15,6 +18,11 @@ Four departures, each documented:
 - two more confidences (Dream's), as plainly: ``margin`` (top-1 minus top-2
   probability) and ``entropy`` (negative entropy of the distribution).
 Where the original's asserts hold and temperature is 0, it is the original.
+
+The likelihood transcription departs from the original in its draws only:
+``torch.randint`` (k) and ``torch.randperm`` (the masked positions) become
+the per-request Philox streams ``sampler.likelihood`` documents, keyed by
+the Monte Carlo batch index, so the engine draws the same masks.
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kernels.reference import philox_uniform
+from kernels.reference import philox_uint32, philox_uniform
 from sampler.schedule import block_bounds, commit_quota, step_seed, steps_per_block
 
 
@@ -111,3 +119,94 @@ def generate(
             x[transfer_index] = x0[transfer_index]
             global_step += 1
     return x
+
+
+def forward_process(batch: torch.Tensor, prompt_index: torch.Tensor, mask_id: int, seed: int,
+                    batch_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    b, l = batch.shape
+
+    target_len = (l - prompt_index.sum()).item()
+    # k = torch.randint(1, target_len + 1, ()), from the request's stream
+    r = int(philox_uint32(torch.tensor(step_seed(seed, batch_index, 0)), torch.tensor(0)))
+    k = torch.tensor(1 + ((r * target_len) >> 32), device=batch.device)
+
+    x = torch.round(torch.linspace(float(k), k + (b - 1) * (target_len / b), steps=b, device=batch.device)).long()
+    x = ((x - 1) % target_len) + 1
+    assert x.min() >= 1 and x.max() <= target_len
+
+    indices = torch.arange(target_len, device=batch.device).repeat(b, 1)
+    is_mask = indices < x.unsqueeze(1)
+    stream = torch.tensor(step_seed(seed, batch_index, 1))
+    for i in range(b):
+        # torch.randperm(target_len), from the request's stream
+        keys = philox_uint32(stream, i * target_len + torch.arange(target_len))
+        randperm = torch.sort(keys, stable=True).indices
+        is_mask[i] = is_mask[i][randperm]
+
+    is_mask = torch.cat((torch.zeros(b, prompt_index.sum(), dtype=torch.bool, device=batch.device), is_mask), dim=1)
+    noisy_batch = torch.where(is_mask, mask_id, batch)
+
+    # Return the masked batch and the mask ratio
+    return noisy_batch, (x / target_len).unsqueeze(1).repeat(1, l)
+
+
+def get_logits(model, batch, prompt_index, cfg_scale, mask_id):
+    if cfg_scale > 0.:
+        assert len(prompt_index) == batch.shape[1]
+        prompt_index = prompt_index.unsqueeze(0).repeat(batch.shape[0], 1)
+        un_batch = batch.clone()
+        un_batch[prompt_index] = mask_id
+        batch = torch.cat([batch, un_batch])
+
+    logits = model(batch, None)
+
+    if cfg_scale > 0.:
+        logits, un_logits = torch.chunk(logits, 2, dim=0)
+        logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
+    return logits
+
+
+@torch.no_grad()
+def get_log_likelihood(model: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], prompt: torch.Tensor,
+                       answer: torch.Tensor, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.,
+                       mask_id: int = 126336, seed: int = 0) -> float:
+    seq = torch.concatenate([prompt, answer])[None, :]
+    seq = seq.repeat((batch_size, 1))
+    prompt_index = torch.arange(seq.shape[1]) < len(prompt)
+
+    loss_ = []
+    for batch_index in range(mc_num // batch_size):
+        perturbed_seq, p_mask = forward_process(seq, prompt_index, mask_id, seed, batch_index)
+        mask_index = perturbed_seq == mask_id
+
+        logits = get_logits(model, perturbed_seq, prompt_index, cfg_scale, mask_id)
+
+        loss = F.cross_entropy(logits[mask_index], seq[mask_index], reduction='none') / p_mask[mask_index]
+        loss = loss.sum() / batch_size
+
+        loss_.append(loss.item())
+
+    return - sum(loss_) / len(loss_)
+
+
+@torch.no_grad()
+def suffix_greedy_prediction(model: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+                             prefix: torch.Tensor, target: torch.Tensor, cfg_scale: float = 0.,
+                             mask_id: int = 126336) -> bool:
+    seq = torch.full((1, len(prefix) + len(target)), mask_id)
+    prompt_index = torch.arange(seq.shape[1]) < len(prefix)
+    seq[0, :len(prefix)] = prefix
+
+    for i in range(len(target)):
+        mask_index = (seq == mask_id)
+        logits = get_logits(model, seq, prompt_index, cfg_scale, mask_id)[mask_index]
+        x0 = torch.argmax(logits, dim=-1)
+
+        p = torch.softmax(logits.to(torch.float32), dim=-1)
+        confidence = torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)).squeeze(dim=-1)
+        _, index = torch.sort(confidence, descending=True)
+        x0[index[1:]] = mask_id
+        seq[mask_index] = x0.clone()
+    correct = target == seq[0, len(prefix):]
+    correct = torch.all(correct)
+    return bool(correct)

@@ -8,8 +8,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sampler.params import DiffusionParams
+from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
+from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.runner import ModelRunner
@@ -67,6 +68,26 @@ class LLMEngine:
         self.scheduler.check_fits(req)
         return req
 
+    def make_likelihood_request(self, req_id: str, context_ids: list[int], continuation_ids: list[int],
+                                params: LikelihoodParams) -> LikelihoodRequest:
+        """A validated likelihood request (raises ValueError naming the field)."""
+        for name, ids in (("context", context_ids), ("continuation", continuation_ids)):
+            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+            if bad:
+                raise ValueError(f"{name}: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
+            if self.mask_id in ids:
+                raise ValueError(f"{name}: contains the mask token id {self.mask_id}")
+        if not continuation_ids:
+            raise ValueError("continuation: must have at least one token")
+        total = len(context_ids) + len(continuation_ids)
+        if total > self.max_model_len:
+            raise ValueError(f"continuation: context + continuation ({total} tokens) exceeds the model's maximum "
+                             f"length {self.max_model_len}")
+        req = LikelihoodRequest(req_id, list(context_ids), list(continuation_ids), params, self.mask_id,
+                                self.scheduler.config.max_num_batched_tokens)
+        self.scheduler.check_fits(req)
+        return req
+
     def add_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
         req = self.make_request(req_id, prompt_ids, params)
         self.scheduler.add(req)
@@ -88,16 +109,23 @@ class LLMEngine:
             # still fail are failed, the rest keep their step.
             logger.warning("a batch of %d failed; running its requests one by one", len(sched.seqs), exc_info=True)
             result = RunnerOutput()
-            for seq in sched.seqs:
+            parts = [SchedulerOutput(seqs=[seq]) for seq in sched.seqs]
+            parts += [SchedulerOutput(scores=[score]) for score in sched.scores]
+            for part in parts:
+                req_id = owner_of((part.seqs or part.scores)[0].req_id)
+                if any(f.req_id == req_id for f in failed):
+                    continue
                 try:
-                    alone = self.runner.execute(SchedulerOutput(seqs=[seq]))
+                    alone = self.runner.execute(part)
                     result.commits.update(alone.commits)
                     result.confidences.update(alone.confidences)
+                    result.scores.update(alone.scores)
                 except Exception as e:
-                    logger.exception("request %s failed in the model runner", seq.req_id)
-                    failed.append(self._fail(seq.req_id, e))
+                    logger.exception("request %s failed in the model runner", req_id)
+                    failed.append(self._fail(req_id, e))
         num_committed = sum(len(positions) for positions, _ in result.commits.values())
-        self.last_step = StepStats(len(sched.seqs), num_committed, sched.admitted)
+        num_seqs = len({owner_of(x.req_id) for x in [*sched.seqs, *sched.scores]})
+        self.last_step = StepStats(num_seqs, num_committed, sched.admitted)
         return failed + self.scheduler.update(result)
 
     def _fail(self, req_id: str, error: Exception) -> RequestOutput:

@@ -10,9 +10,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from sampler.params import DiffusionParams
+from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.engine import LLMEngine
+from server.engine.messages import LikelihoodResult
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
 
@@ -70,6 +71,30 @@ class LLM:
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         ids = [self.tokenizer.encode_chat(c) for c in convs]
         return self._run(ids, [params or DiffusionParams()] * len(ids), on_step)
+
+    def loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]],
+                      params: LikelihoodParams | None = None) -> list[LikelihoodResult]:
+        """LLaDA's Monte Carlo log-likelihood bound of each (context ids,
+        continuation ids) pair, in order, all in one ragged batch."""
+        engine = self.engine
+        params = params or LikelihoodParams()
+        req_ids = [f"offline-{next(self._ids)}" for _ in pairs]
+        for rid, (context, continuation) in zip(req_ids, pairs):
+            engine.scheduler.add(engine.make_likelihood_request(rid, context, continuation, params))
+        results: dict[str, LikelihoodResult] = {}
+        wanted = set(req_ids)
+        try:
+            while len(results) < len(req_ids):
+                for out in engine.step():
+                    if out.finished and out.req_id in wanted:
+                        if out.finish_reason == "error":
+                            raise RuntimeError(f"request {out.req_id} failed: {out.error}")
+                        results[out.req_id] = out.likelihood
+        finally:
+            for rid in req_ids:
+                if rid not in results:
+                    engine.abort_request(rid)
+        return [results[rid] for rid in req_ids]
 
     def _run(self, prompt_ids: list[list[int]], params: list[DiffusionParams],
              on_step: StepCallback | None) -> list[GenerationOutput]:

@@ -29,8 +29,24 @@ class ScheduledSeq:
 
 
 @dataclass
+class ScheduledScore:
+    """Monte Carlo samples of one likelihood request to score in this step:
+    each is one forward pass of the sequence with some continuation tokens
+    masked (sampler.likelihood draws which, from the seed)."""
+
+    req_id: str
+    seq_ids: list[int]  # context + continuation, unmasked
+    context_len: int  # the continuation starts here; the context is never masked
+    sample_ids: list[int]  # global Monte Carlo sample indices to score now
+    batch_size: int  # samples per stratified batch (sample s is row s % batch_size of batch s // batch_size)
+    seed: int  # the request's mask-draw seed
+    cfg_scale: float  # 0 = no guidance
+
+
+@dataclass
 class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # those that take a step now
+    scores: list[ScheduledScore] = field(default_factory=list)  # likelihood samples scored now
     admitted: list[str] = field(default_factory=list)  # req_ids moved from waiting to running
 
 
@@ -40,6 +56,18 @@ class RunnerOutput:
     commits: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
     # req_id -> the model's probability of each committed token, aligned with commits[req_id]
     confidences: dict[str, list[float]] = field(default_factory=dict)
+    # req_id -> each scored sample's weighted loss L, aligned with ScheduledScore.sample_ids
+    scores: dict[str, list[float]] = field(default_factory=dict)
+
+
+@dataclass
+class LikelihoodResult:
+    """A finished likelihood estimate."""
+
+    logprob: float  # -mean of the samples' L: the Monte Carlo estimate of the log-likelihood bound
+    stderr: float | None  # its standard error (None with a single sample)
+    is_greedy: bool | None  # whether greedy decoding from the context gives the continuation; None = not checked
+    num_tokens: int  # continuation tokens
 
 
 @dataclass
@@ -55,3 +83,4 @@ class RequestOutput:
     committed: tuple[list[int], list[int]] | None = None  # this step's (positions, tokens)
     confidences: list[float] | None = None  # this step's committed tokens' probabilities, aligned with committed
     num_steps: int = 0  # forward passes the request has taken so far
+    likelihood: LikelihoodResult | None = None  # a finished likelihood request's result

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from sampler.block_diffusion import StepRows, apply_cfg, denoise_step
+from server.engine.likelihood_batch import pack_scores, score
 from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput
 from server.models.kv_cache import CacheView, PagedKVCache
 
@@ -63,7 +64,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         seqs = sched.seqs
-        if not seqs:
+        if not seqs and not sched.scores:
             return RunnerOutput()
         plans = [plan(s) for s in seqs]
         ids: list[int] = []
@@ -88,16 +89,32 @@ class ModelRunner:
         # Rows per packed sequence (conditional canvases, then unconditional
         # ones), ascending: the last layer computes only these rows.
         row_counts = [len(s.rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
+        score_rows: list[int] = []
+        pack = None
+        if sched.scores:  # likelihood samples' canvases go last
+            pack = pack_scores(sched.scores, self.mask_id)
+            start = cu_seqlens[-1]
+            ids += pack.ids
+            positions += pack.positions
+            cu_seqlens += [start + n for n in itertools.accumulate(pack.seqlens)]
+            score_rows = [start + r for r in pack.rows]
+            row_counts += pack.row_counts
         rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
-        logits = self.model(  # (len(cond_rows) + len(uncond_rows), vocab)
+        logits = self.model(  # (len(cond_rows) + len(uncond_rows) + len(score_rows), vocab)
             torch.tensor(ids, dtype=torch.long, device=dev),
             torch.tensor(positions, dtype=torch.long, device=dev),
             cu_seqlens,
-            torch.tensor(cond_rows + uncond_rows, dtype=torch.long, device=dev),
+            torch.tensor(cond_rows + uncond_rows + score_rows, dtype=torch.long, device=dev),
             self._cache_view(seqs, plans, cu_seqlens),
             logits_cu_seqlens=rows_cu,
         )
+        out = RunnerOutput()
+        if pack is not None:
+            out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):])
+            logits = logits[:len(cond_rows) + len(uncond_rows)]
+        if not seqs:
+            return out
         if uncond_rows:
             logits = self._guide(logits[: len(cond_rows)], logits[len(cond_rows):], seqs)
 
@@ -117,7 +134,6 @@ class ModelRunner:
         x0, commit, prob = denoise_step(logits, rows)
         x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
 
-        out = RunnerOutput()
         i = 0
         for s in seqs:
             picked = [(p, x0[i + j], prob[i + j]) for j, p in enumerate(s.rows) if commit[i + j]]

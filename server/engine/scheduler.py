@@ -14,6 +14,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from server.engine.likelihood import LikelihoodRequest
 from server.engine.messages import RequestOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
 from server.engine.pages import PageAllocator
 from server.engine.request import Request, RequestStatus
@@ -50,9 +51,14 @@ class Scheduler:
         self.running: list[Request] = []
         self.pages = PageAllocator(config.num_kv_pages, config.page_size) if config.num_kv_pages else None
 
-    def check_fits(self, req: Request) -> None:
+    def check_fits(self, req: Request | LikelihoodRequest) -> None:
         """A request that could never be admitted is refused up front."""
         limit = self.config.max_num_batched_tokens
+        if isinstance(req, LikelihoodRequest):
+            if req.min_step_tokens > limit:
+                raise ValueError(f"requests: context + continuation ({len(req.seq_ids)} tokens per sample, guidance "
+                                 f"and the greedy check counted) exceeds max_num_batched_tokens {limit}")
+            return
         if req.num_tokens > limit:
             raise ValueError(f"max_tokens: the canvas ({req.num_tokens} tokens, guidance counted twice) "
                              f"exceeds max_num_batched_tokens {limit}")
@@ -104,6 +110,13 @@ class Scheduler:
             budget -= req.num_tokens
             out.admitted.append(req.req_id)
         for req in self.running:
+            if isinstance(req, LikelihoodRequest):  # a chunk of samples, and its greedy check's step
+                chunk = req.next_chunk()
+                if chunk is not None:
+                    out.scores.append(chunk)
+                if req.greedy is None:
+                    continue
+                req = req.greedy
             req.skip_empty_steps()
             if req.is_done:
                 continue
@@ -124,6 +137,15 @@ class Scheduler:
         done. Returns one output per request that was stepped or finished."""
         outputs = []
         for req in list(self.running):
+            if isinstance(req, LikelihoodRequest):
+                greedy_id = req.greedy.req_id if req.greedy is not None else None
+                req.record(result.scores.get(req.req_id), result.commits.get(greedy_id))
+                if req.is_done:
+                    req.status = req.finish_status()
+                    self.running.remove(req)
+                    outputs.append(RequestOutput(req.req_id, [], [], True, req.status.value,
+                                                 num_steps=req.num_forward_steps, likelihood=req.result()))
+                continue
             committed = result.commits.get(req.req_id)
             new_ids: list[int] = []
             if committed is not None:
