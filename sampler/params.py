@@ -27,6 +27,7 @@ class DiffusionParams:
     factor: float = 1.0  # the "factor" rule (Fast-dLLM): commit the top n while c_n >= 1 - factor / (n + 1)
     decoding: str = "exact"  # exact | prefix_cache | dual_cache (DECODING)
     seed: int | None = None  # seeds the request's noise; None = drawn at creation
+    ignore_eos: bool = False  # EOS/EoT are ordinary tokens: no early stop, the answer is the whole canvas
 
     def __post_init__(self) -> None:
         self.validate()
@@ -70,6 +71,7 @@ class DiffusionParams:
               f"unknown mode {self.decoding!r}; one of {', '.join(DECODING)}")
         check(self.decoding == "exact" or not self.cfg_scale, "cfg_scale",
               f"classifier-free guidance needs decoding 'exact', not {self.decoding!r}")
+        check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",
               f"must be an integer that fits in 64 bits, got {self.seed!r}")

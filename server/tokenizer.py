@@ -51,10 +51,10 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
-    def encode(self, text: str) -> list[int]:
-        """A plain completion prompt, with the special tokens the model's
-        tokenizer adds by default (e.g. a BOS)."""
-        return self._encode(text, add_special_tokens=True)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """A plain completion prompt, by default with the special tokens the
+        model's tokenizer adds (e.g. a BOS)."""
+        return self._encode(text, add_special_tokens=add_special_tokens)
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
         """The model's chat template with the assistant turn opened, then

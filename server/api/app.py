@@ -3,8 +3,11 @@ envelope. Never imports torch: the engine arrives as an object.
 
 Every error is ``{"error": {"message", "type", "param", "code"}}``: invalid
 fields 400 (FastAPI's 422 replaced) naming ``param``, unknown model 404, bad
-or missing key 401, oversized body 413, full queue 429 with ``Retry-After``,
-loading/draining/dead engine 503.
+or missing key 401 (with ``WWW-Authenticate: Bearer``), oversized body 413,
+full queue 429 with ``Retry-After``, loading/draining/dead engine 503. These
+are the statuses /openapi.json documents (``openapi.py``). A path with a
+trailing slash is not redirected (a redirect would name the client's own
+Host header): it is a 404 like any unknown path.
 
 Unless ``ServerConfig.playground`` is off, ``/`` serves the playground: one
 static page (``static/``: HTML, CSS, JS; no build step, nothing fetched from
@@ -26,6 +29,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
+from server.api import openapi
 from server.api.errors import APIError, error_response
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.serving import OpenAIServing
@@ -62,6 +66,24 @@ def _param_of(loc: tuple) -> str | None:
         else:
             break
     return "".join(parts) or None
+
+
+_NOT_AN_OBJECT = "the request body must be a JSON object (send it with Content-Type: application/json)"
+
+
+def validation_error(err: dict) -> APIError:
+    """A 400 for pydantic's first error: the field it names as ``param``,
+    the message without pydantic's "Value error, " prefix."""
+    loc, kind = tuple(err.get("loc", ())), err.get("type")
+    if kind == "json_invalid":
+        return APIError.bad_request(f"invalid JSON body: {err.get('msg')}; {_NOT_AN_OBJECT}", "body")
+    if loc == ("body",) and kind in ("model_attributes_type", "dict_type", "model_type", "missing"):
+        return APIError.bad_request(_NOT_AN_OBJECT, "body")
+    if kind == "value_error" and "error" in err.get("ctx", {}):
+        return APIError.bad_request(str(err["ctx"]["error"]))  # our own "field: message"
+    param = _param_of(loc)
+    msg = err.get("msg", "invalid value")
+    return APIError.bad_request(f"{param}: {msg}" if param else msg, param)
 
 
 class ServerState:
@@ -163,6 +185,8 @@ class InFlight:
 def build_app(state: ServerState, metrics) -> FastAPI:
     app = FastAPI(title="llada-serve", version=__version__,
                   description="OpenAI-compatible server for masked diffusion language models (LLaDA).")
+    app.router.redirect_slashes = False
+    openapi.install(app)
     app.state.server = state
     cfg = state.config
 
@@ -173,12 +197,7 @@ def build_app(state: ServerState, metrics) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, e: RequestValidationError):
-        err = e.errors()[0]
-        if err.get("type") == "json_invalid":
-            return APIError.bad_request(f"invalid JSON body: {err.get('msg')}", "body").response()
-        param = _param_of(err.get("loc", ()))
-        msg = err.get("msg", "invalid value")
-        return APIError.bad_request(f"{param}: {msg}" if param else msg, param).response()
+        return validation_error(e.errors()[0]).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, e: StarletteHTTPException):
@@ -198,7 +217,7 @@ def build_app(state: ServerState, metrics) -> FastAPI:
         token = auth[7:] if auth[:7].lower() == "bearer " else ""
         if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
             raise APIError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           "authentication_error", None, "invalid_api_key")
+                           "authentication_error", None, "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     def check_available() -> None:
         if state.draining:
@@ -219,48 +238,59 @@ def build_app(state: ServerState, metrics) -> FastAPI:
 
     auth = [Depends(check_key)]
 
-    @app.post("/v1/completions", dependencies=auth)
+    def check_model(model: str | None) -> None:
+        if model is not None and model != state.model_name:
+            raise APIError(404, f"The model `{model}` does not exist.", "not_found_error", "model",
+                           "model_not_found")
+
+    @app.post("/v1/completions", dependencies=auth, responses=openapi.errors(openapi.GENERATION))
     async def completions(body: CompletionRequest, request: Request):
         if body.model_extra:
             logger.debug("ignoring unknown fields %s", sorted(body.model_extra))
         return await generation("completion", body, request)
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, responses=openapi.errors(openapi.GENERATION))
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.model_extra:
             logger.debug("ignoring unknown fields %s", sorted(body.model_extra))
         return await generation("chat", body, request)
 
-    @app.get("/v1/models", dependencies=auth)
-    async def models():
+    def model_card() -> dict:
         engine = state.engine.engine
-        card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
+        return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
                 "root": state.model_name, "max_model_len": engine.max_model_len if engine else None}
-        return {"object": "list", "data": [card]}
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses=openapi.errors(openapi.MODELS))
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth, responses=openapi.errors(openapi.MODEL))
+    async def model(model_id: str):
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/tokenize", dependencies=auth, responses=openapi.errors(openapi.TOKENIZER))
     async def tokenize(body: TokenizeRequest):
         check_available()
         serving = state.serving
-        if body.model is not None and body.model != state.model_name:
-            raise APIError(404, f"The model `{body.model}` does not exist.", "not_found_error", "model",
-                           "model_not_found")
+        check_model(body.model)
         if body.messages is not None:
             ids = serving.chat_prompt(ChatCompletionRequest(messages=body.messages))
         else:
-            ids = serving.tokenizer.encode(body.prompt)
+            ids = serving.tokenizer.encode(body.prompt, body.add_special_tokens)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, responses=openapi.errors(openapi.TOKENIZER))
     async def detokenize(body: DetokenizeRequest):
         check_available()
+        check_model(body.model)
         vocab = state.engine.engine.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError.bad_request(f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")
         return {"prompt": state.serving.tokenizer.decode(body.tokens)}
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"description": "loading, draining, or the engine died"}})
     async def health():
         if state.draining or state.engine.is_dead or not state.engine.is_ready:
             why = "draining" if state.draining else ("dead" if state.engine.is_dead else "loading")

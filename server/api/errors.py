@@ -1,11 +1,22 @@
-"""The OpenAI error envelope and the mapping from failures to statuses."""
+"""The OpenAI error envelope and the mapping from failures to statuses.
+
+An error body is written with every non-ASCII character escaped, so a
+message quoting what the client sent (a model name, a field) can always be
+written, whatever that held."""
 from __future__ import annotations
 
+import json
 import re
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
 _FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.\[\]]*): ")
+
+
+class ErrorJSON(JSONResponse):
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 class APIError(Exception):
@@ -27,7 +38,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+        return ErrorJSON(self.body(), status_code=self.status, headers=self.headers)
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,

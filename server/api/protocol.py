@@ -4,14 +4,70 @@ Unknown fields are accepted and ignored (logged at debug level), as OpenAI
 clients send fields a server may not know. Known OpenAI features this server
 does not have (logprobs, echo, tools, ...) are refused with a 400 naming the
 field rather than silently ignored. Diffusion knobs are extra body fields.
+
+Types are strict: a boolean or a string is never a number, numbers must be
+finite, and no string anywhere in a body (known field or not) may hold a lone
+UTF-16 surrogate (``"\ud800"``: valid JSON, but not text any tokenizer or
+UTF-8 writer can take); each is refused with the path of the offending value.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
-NonNegFloat = Annotated[float, Field(ge=0)]
+# StrictFloat takes ints (JSON's 1 is a number) but not booleans or strings;
+# every request model also sets allow_inf_nan=False (Python's json reads
+# Infinity and NaN).
+NonNegFloat = Annotated[StrictFloat, Field(ge=0)]
+_REQUEST_CONFIG = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _surrogate_path(value: Any) -> str | None:
+    """The path (``messages[0].content``) of a string holding a lone
+    surrogate, in values or keys, or None. One pass over the parsed body;
+    paths are only spelled out for the value that fails."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        v, where = stack.pop()
+        if isinstance(v, str):
+            if not _is_text(v):
+                return where or "body"
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                if isinstance(k, str) and not _is_text(k):
+                    return where or "body"
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, f"{where}.{k}" if where else str(k)))
+        elif isinstance(v, list):
+            for i, item in enumerate(v):
+                if isinstance(item, str) and not _is_text(item):
+                    return f"{where}[{i}]"
+                if isinstance(item, (dict, list)):
+                    stack.append((item, f"{where}[{i}]"))
+    return None
+
+
+class RequestBody(BaseModel):
+    """A request body: strict, finite, and valid Unicode throughout."""
+
+    model_config = _REQUEST_CONFIG
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = _surrogate_path(data)
+        if where is not None:
+            raise ValueError(f"{where}: contains a lone UTF-16 surrogate, which is not valid Unicode text")
+        return data
 
 
 class ErrorInfo(BaseModel):
@@ -26,8 +82,11 @@ class ErrorResponse(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST_CONFIG
     include_usage: StrictBool = False
+    continuous_usage_stats: StrictBool = Field(
+        False, description="vLLM extension: with include_usage, every chunk also carries the usage so far "
+        "(completion_tokens: the final tokens of all choices streamed so far)")
     include_denoising: StrictBool = Field(
         False, description="llada-serve extension (streams only): before each step's content chunk, one "
         "`denoising.step` event per denoising step: {object, id, choice, step, block, num_blocks, block_range, "
@@ -35,16 +94,14 @@ class StreamOptions(BaseModel):
         "confidence the model's probability of the committed token. Off by default, so OpenAI clients never see it.")
 
 
-class DiffusionFields(BaseModel):
+class DiffusionFields(RequestBody):
     """Sampling and diffusion fields shared by completions and chat."""
-
-    model_config = ConfigDict(extra="allow")
 
     model: str | None = None
     max_tokens: StrictInt | None = Field(None, description="canvas length after the prompt (gen_length)")
     temperature: NonNegFloat | None = None
-    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = Field(None, description="-1 or 0: no limit")
+    top_p: Annotated[StrictFloat, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = Field(None, description="-1 or 0: no limit")
     n: Annotated[StrictInt, Field(ge=1, le=16)] = 1
     stop: str | list[str] | None = None
     seed: StrictInt | None = None
@@ -57,19 +114,24 @@ class DiffusionFields(BaseModel):
     remasking: str | None = Field(None, description="low_confidence | random | margin | entropy | threshold | factor")
     cfg_scale: NonNegFloat | None = Field(None, description="classifier-free guidance scale")
     decoding: str | None = Field(None, description="exact | prefix_cache | dual_cache")
-    threshold: float | None = Field(None, description="the threshold rule's confidence bar, in (0, 1]")
-    factor: float | None = Field(None, description="the factor rule's f (Fast-dLLM), > 0")
+    threshold: StrictFloat | None = Field(None, description="the threshold rule's confidence bar, in (0, 1]")
+    factor: StrictFloat | None = Field(None, description="the factor rule's f (Fast-dLLM), > 0")
+    ignore_eos: StrictBool = Field(
+        False, description="vLLM extension: EOS/EoT are decoded as ordinary tokens; the answer is the whole "
+        "canvas (max_tokens tokens, finish_reason length unless a stop string ends it first)")
     # OpenAI features refused with a clear error when used
     logprobs: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: StrictFloat | None = None
+    frequency_penalty: StrictFloat | None = None
+    logit_bias: dict[str, StrictFloat] | None = None
 
     @model_validator(mode="after")
     def _check_stop(self):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop: at most 4 non-empty strings")
+        if len(stops) > 4:
+            raise ValueError(f"stop: at most 4 stop strings, got {len(stops)}")
+        if any(not s for s in stops):
+            raise ValueError("stop: a stop string must not be empty")
         return self
 
     def stop_list(self) -> list[str]:
@@ -89,6 +151,8 @@ class DiffusionFields(BaseModel):
 
 class CompletionRequest(DiffusionFields):
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    add_special_tokens: StrictBool = Field(
+        True, description="vLLM extension: add the tokenizer's special tokens (e.g. BOS) to text prompts")
     echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
@@ -109,7 +173,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = _REQUEST_CONFIG
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart] | None = None
 
@@ -137,11 +201,13 @@ class ChatCompletionRequest(DiffusionFields):
         return super().unsupported()
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: StrictBool = Field(
+        True, description="add the tokenizer's special tokens (e.g. BOS) to a prompt; messages always get "
+        "those of the chat template")
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -150,8 +216,7 @@ class TokenizeRequest(BaseModel):
         return self
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: list[StrictInt]
 

@@ -11,6 +11,12 @@ With ``stream_options.include_denoising`` a stream also carries, before each
 step's content, one ``denoising.step`` event per denoising step of each
 choice: what that step committed, where (positions relative to the generated
 part), as which tokens and text pieces, with the model's confidence.
+
+A request fans out into prompts x ``n`` choices, each an engine request.
+The fan-out is bounded before anything is built, from counts alone: more
+choices than the queue can ever hold is a 400 naming ``n`` or ``prompt``
+(never a retryable 429); more than it has room for now is a 429; a prompt
+that alone fills the model's length is a 400 before its choices are made.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import json
 import logging
 import time
 import uuid
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 from sampler.params import DiffusionParams
@@ -32,6 +39,14 @@ QUEUE_FULL = ("the server is at capacity: too many queued requests, retry later"
               "queue_full", {"Retry-After": "1"})
 
 logger = logging.getLogger("llada_serve.requests")
+
+
+def _renamed(message: str, field: str) -> str:
+    """An engine message about the canvas length (``gen_length``,
+    ``max_tokens``) in the name the client used for it."""
+    for engine_name in ("gen_length", "max_tokens"):
+        message = message.replace(engine_name, field)
+    return message
 
 
 class OpenAIServing:
@@ -48,6 +63,10 @@ class OpenAIServing:
         return tok
 
     # -- requests -> engine ---------------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
     def check_common(self, req: DiffusionFields) -> None:
         if req.model is not None and req.model != self.model_name:
             raise APIError(404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found")
@@ -55,14 +74,20 @@ class OpenAIServing:
         if bad:
             raise APIError.bad_request(f"{bad}: not supported by this server", bad)
 
+    @staticmethod
+    def max_tokens_field(req: DiffusionFields) -> str:
+        """The name the client gave the canvas length (errors name it)."""
+        if isinstance(req, ChatCompletionRequest) and req.max_completion_tokens is not None:
+            return "max_completion_tokens"
+        return "max_tokens"
+
     def params(self, req: DiffusionFields, max_tokens: int | None, choice: int) -> DiffusionParams:
         cfg = self.config
         gen_length = max_tokens if max_tokens is not None else cfg.default_max_tokens
         steps = req.steps if req.steps is not None else cfg.default_steps
         if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
             steps = max(steps, -(-gen_length // (req.block_length or cfg.default_block_length)))
-        name = "max_tokens" if isinstance(req, CompletionRequest) or req.max_completion_tokens is None \
-            else "max_completion_tokens"
+        name = self.max_tokens_field(req)
         if not isinstance(gen_length, int) or gen_length < 1:
             raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)
         try:
@@ -75,22 +100,52 @@ class OpenAIServing:
                 decoding=req.decoding or cfg.default_decoding,
                 threshold=req.threshold if req.threshold is not None else cfg.default_threshold,
                 factor=req.factor if req.factor is not None else 1.0,
-                seed=None if req.seed is None else (req.seed + choice) % 2**63,
+                seed=None if req.seed is None else (req.seed + choice) % 2**63, ignore_eos=req.ignore_eos,
             )
         except ValueError as e:
-            msg = str(e).replace("gen_length:", f"{name}:", 1)
-            raise APIError.bad_request(msg) from None
+            raise APIError.bad_request(_renamed(str(e), name)) from None
+
+    def num_prompts(self, req: CompletionRequest | ChatCompletionRequest) -> int:
+        p = getattr(req, "prompt", None)
+        return len(p) if isinstance(p, list) and p and isinstance(p[0], (str, list)) else 1
+
+    def check_fan_out(self, num_prompts: int, n: int) -> None:
+        """Refuses, from counts alone, a fan-out the queue can never hold
+        (400) or cannot hold now (429)."""
+        limit = self.engine.max_queued_requests
+        why = f"the server queues at most {limit} requests (--max-queued-requests), one per choice"
+        if n > limit:
+            raise APIError.bad_request(f"n: {n} choices can never be queued: {why}", "n")
+        if num_prompts * n > limit:
+            if n == 1:
+                raise APIError.bad_request(f"prompt: {num_prompts} prompts can never be queued: {why}", "prompt")
+            raise APIError.bad_request(
+                f"n: {num_prompts} prompts x n {n} = {num_prompts * n} choices can never be queued: {why}", "n")
+        if self.engine.num_waiting + num_prompts * n > limit:
+            raise APIError(429, *QUEUE_FULL)
+
+    def check_prompt_lengths(self, prompts: list[list[int]]) -> None:
+        """A prompt that alone reaches the model's length is refused before
+        any of its choices is built (each would copy it)."""
+        limit = self.max_model_len
+        for i, p in enumerate(prompts):
+            if len(p) >= limit:
+                where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+                raise APIError.bad_request(
+                    f"{where}: {len(p)} tokens leave no room for an answer within the model's maximum "
+                    f"length {limit}", "prompt")
 
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
         p = req.prompt
+        special = req.add_special_tokens
         if isinstance(p, str):
-            return [self.tokenizer.encode(p)]
+            return [self.tokenizer.encode(p, special)]
         if not p:
             raise APIError.bad_request("prompt: must not be empty", "prompt")
         if isinstance(p[0], int):
             return [list(p)]
         if isinstance(p[0], str):
-            return [self.tokenizer.encode(s) for s in p]
+            return [self.tokenizer.encode(s, special) for s in p]
         if any(not ids for ids in p):
             raise APIError.bad_request("prompt: a token-id prompt must not be empty", "prompt")
         return [list(ids) for ids in p]
@@ -107,28 +162,32 @@ class OpenAIServing:
     async def run(self, kind: str, req: CompletionRequest | ChatCompletionRequest, raw_request) -> Any:
         """Validates, queues every choice, and answers (JSON or SSE)."""
         self.check_common(req)
+        self.check_fan_out(self.num_prompts(req), req.n)
         if kind == "chat":
             max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
             prompts = [self.chat_prompt(req)]
         else:
             prompts, max_tokens = self.completion_prompts(req), req.max_tokens
+        self.check_prompt_lengths(prompts)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         resp_id = prefix + uuid.uuid4().hex
         engine_reqs, choices = [], []
+        base = self.params(req, max_tokens, 0)
+        name = self.max_tokens_field(req)
         for p_idx, prompt in enumerate(prompts):
             for i in range(req.n):
                 index = p_idx * req.n + i
-                params = self.params(req, max_tokens, index)
+                # Each choice its own noise: seed + index, or a fresh draw.
+                params = base if index == 0 else \
+                    replace(base, seed=None if req.seed is None else (req.seed + index) % 2**63)
                 try:
                     engine_reqs.append(self.engine.make_request(f"{resp_id}-{index}", prompt, params))
                 except ValueError as e:
-                    raise APIError.bad_request(str(e)) from None
+                    raise APIError.bad_request(_renamed(str(e), name)) from None
                 except (EngineDeadError, EngineNotReadyError) as e:
                     raise APIError(503, str(e), "server_error", None, "unavailable") from None
                 choices.append(Choice(index, engine_reqs[-1].req_id, len(prompt), req.stop_list(),
                                       blocks=list(engine_reqs[-1].blocks)))
-        if self.engine.num_waiting + len(engine_reqs) > self.engine.max_queued_requests:
-            raise APIError(429, *QUEUE_FULL)
         started = time.monotonic()
         streams = []
         every_step = bool(req.stream and req.stream_options is not None and req.stream_options.include_denoising)
@@ -214,7 +273,7 @@ class OpenAIServing:
 
     # -- responses -----------------------------------------------------------------------
     def final_body(self, kind: str, resp_id: str, req, choices: list[Choice], started: float) -> dict:
-        usage = self._usage_for(req, choices)
+        usage = self._usage(req, choices)
         self._log(resp_id, choices, usage, started)
         if kind == "chat":
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -227,9 +286,13 @@ class OpenAIServing:
         return {"id": resp_id, "object": obj, "created": int(time.time()), "model": self.model_name,
                 "choices": out, "usage": usage}
 
-    def _usage_for(self, req, choices: list[Choice]) -> dict[str, int]:
+    def _usage(self, req, choices: list[Choice]) -> dict[str, int]:
+        """Tokens billed: each prompt once; per choice its final tokens so far
+        (mid-stream), once finished all of them, or after a stop string the
+        fewest whose text covers what was returned."""
         prompt = sum(c.prompt_len for c in choices if c.index % req.n == 0)
-        completion = sum(c.completion_tokens(self.tokenizer_decode) for c in choices)
+        completion = sum(c.completion_tokens(self.tokenizer_decode) if c.finish_reason else len(c.token_ids)
+                         for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _log(self, resp_id: str, choices: list[Choice], usage: dict, started: float) -> None:
@@ -244,9 +307,14 @@ class OpenAIServing:
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         queue: asyncio.Queue = asyncio.Queue()
 
+        options = req.stream_options
+        continuous = options is not None and options.include_usage and options.continuous_usage_stats
+
         def chunk(choice_list: list[dict], usage: dict | None = None) -> str:
             body = {"id": resp_id, "object": obj, "created": created, "model": self.model_name,
                     "choices": choice_list}
+            if usage is None and continuous:
+                usage = self._usage(req, choices)
             if usage is not None:
                 body["usage"] = usage
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -306,7 +374,7 @@ class OpenAIServing:
                     continue  # the end follows at once: it goes with these
                 yield "".join(pending)
                 pending = []
-            usage = self._usage_for(req, choices)
+            usage = self._usage(req, choices)
             self._log(resp_id, choices, usage, started)
             if req.stream_options is not None and req.stream_options.include_usage:
                 pending.append(chunk([], usage))

@@ -64,7 +64,8 @@ class LLMEngine:
         if params.decoding == "dual_cache" and self.model.config.block_causal_size:
             raise ValueError("decoding: dual_cache is not available for block-causal models "
                              "(their prefix_cache is exact: use that)")
-        req = Request(req_id, list(prompt_ids), params, self.mask_id, self.stop_ids)
+        # ignore_eos: no id ends the answer, so EOS/EoT are committed and returned like any token.
+        req = Request(req_id, list(prompt_ids), params, self.mask_id, frozenset() if params.ignore_eos else self.stop_ids)
         self.scheduler.check_fits(req)
         return req
 

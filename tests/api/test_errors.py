@@ -43,7 +43,13 @@ CASES = [
     ("guidance with a cache mode", "chat", {**OK_CHAT, "decoding": "dual_cache", "cfg_scale": 1}, 400, "cfg_scale"),
     ("n zero", "chat", {**OK_CHAT, "n": 0}, 400, "n"),
     ("n too many", "completions", {**OK_COMP, "n": 100}, 400, "n"),
-    ("stop too many", "chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, None),
+    ("stop too many", "chat", {**OK_CHAT, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("stop empty string", "completions", {**OK_COMP, "stop": ""}, 400, "stop"),
+    ("stop list with an empty string", "chat", {**OK_CHAT, "stop": ["x", ""]}, 400, "stop"),
+    ("max_completion_tokens over the model length", "chat", {**OK_CHAT, "max_completion_tokens": 10**6}, 400,
+     "max_completion_tokens"),
+    ("max_completion_tokens over blocks", "chat", {**OK_CHAT, "max_completion_tokens": 16, "block_length": 2,
+                                                   "steps": 3}, 400, "steps"),
     ("stream not bool", "chat", {**OK_CHAT, "stream": "yes"}, 400, "stream"),
     ("seed not int", "chat", {**OK_CHAT, "seed": "abc"}, 400, "seed"),
     ("logprobs unsupported", "completions", {**OK_COMP, "logprobs": 3}, 400, "logprobs"),
@@ -51,15 +57,61 @@ CASES = [
     ("tools unsupported", "chat", {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("unknown model", "chat", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),
     ("invalid json", "chat", b'{"messages": [', 400, "body"),
-    ("json not an object", "chat", b'[1, 2, 3]', 400, None),
+    ("json not an object", "chat", b'[1, 2, 3]', 400, "body"),
+    ("json a string", "completions", b'"hi"', 400, "body"),
+    # Strict types: a boolean or a string is not a number; numbers are finite.
+    *[(f"{field} {value!r}", "completions", {**OK_COMP, field: value}, 400, field)
+      for field in ("temperature", "top_p", "top_k", "cfg_scale", "threshold", "factor", "presence_penalty",
+                    "frequency_penalty")
+      for value in (True, "1")],
+    ("top_k a float", "completions", {**OK_COMP, "top_k": 1.5}, 400, "top_k"),
+    ("logit_bias value a string", "completions", {**OK_COMP, "logit_bias": {"5": "1"}}, 400, "logit_bias"),
+    *[(f"{field} {literal}", "completions", b'{"prompt": "in the", "max_tokens": 4, "%s": %s}' % (
+        field.encode(), literal.encode()), 400, field)
+      for field in ("temperature", "top_p", "cfg_scale", "threshold", "factor")
+      for literal in ("Infinity", "NaN", "-Infinity", "1e999")],
+    # Lone surrogates (valid JSON escapes, not text) anywhere: a 400 naming where, never a 500.
+    ("surrogate prompt", "completions", b'{"prompt": "\\ud800", "max_tokens": 4}', 400, "prompt"),
+    ("surrogate in a prompt list", "completions", b'{"prompt": ["a", "x\\udfff"], "max_tokens": 4}', 400,
+     "prompt[1]"),
+    ("surrogate model", "completions", b'{"model": "\\ud800", "prompt": "a", "max_tokens": 4}', 400, "model"),
+    ("surrogate chat model", "chat", b'{"model": "\\ud800", "messages": [{"role": "user", "content": "a"}]}', 400,
+     "model"),
+    ("surrogate message", "chat", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400,
+     "messages[0].content"),
+    ("surrogate text part", "chat",
+     b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}', 400,
+     "messages[0].content[0].text"),
+    ("surrogate stop", "chat", b'{"messages": [{"role": "user", "content": "a"}], "stop": ["\\ud800"]}', 400,
+     "stop[0]"),
+    ("surrogate user", "chat", b'{"messages": [{"role": "user", "content": "a"}], "user": "\\ud800"}', 400, "user"),
+    ("surrogate unknown field", "completions", b'{"prompt": "a", "frob": {"x": "\\ud800"}}', 400, "frob.x"),
+    ("surrogate unknown key", "completions", b'{"prompt": "a", "\\ud800": 1}', 400, "body"),
+    ("surrogate tokenize prompt", "tokenize", b'{"prompt": "\\ud800"}', 400, "prompt"),
+    ("surrogate tokenize model", "tokenize", b'{"model": "\\ud800", "prompt": "a"}', 400, "model"),
+    ("surrogate tokenize messages", "tokenize", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', 400,
+     "messages[0].content"),
+    ("surrogate detokenize model", "detokenize", b'{"model": "\\ud800", "tokens": [5]}', 400, "model"),
+    ("detokenize unknown model", "detokenize", {"model": "gpt-4", "tokens": [5]}, 404, "model"),
+    ("tokenize unknown model", "tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "model"),
+    ("tokenize add_special_tokens not bool", "tokenize", {"prompt": "a", "add_special_tokens": 1}, 400,
+     "add_special_tokens"),
+    ("ignore_eos not bool", "completions", {**OK_COMP, "ignore_eos": "yes"}, 400, "ignore_eos"),
+    ("continuous_usage_stats not bool", "chat", {**OK_CHAT, "stream": True,
+                                                 "stream_options": {"continuous_usage_stats": 1}}, 400,
+     "stream_options.continuous_usage_stats"),
     ("oversized body", "completions", {**OK_COMP, "prompt": "x" * (2 << 20)}, 413, None),
 ]
+
+
+ROUTES = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "tokenize": "/tokenize",
+          "detokenize": "/detokenize"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_request(live, case):
     _, route, body, status, param = case
-    url = live.url + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+    url = live.url + ROUTES[route]
     if isinstance(body, bytes):
         r = httpx.post(url, content=body, headers={"content-type": "application/json"})
     else:
@@ -67,8 +119,11 @@ def test_bad_request(live, case):
     assert r.status_code == status, r.text
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert not err["message"].startswith("Value error"), err
     if param is not None:
         assert err["param"] == param, err
+    if case[0].startswith(("json", "invalid json")):
+        assert "must be a JSON object" in err["message"]
 
 
 def test_still_serving_after_bad_requests(live):
@@ -124,9 +179,11 @@ def test_api_key(text_ckpt):
     srv = start_server(text_ckpt, ServerConfig(api_key="s3cret"))
     try:
         url = srv.url + "/v1/chat/completions"
-        assert httpx.post(url, json=OK_CHAT).status_code == 401
+        r = httpx.post(url, json=OK_CHAT)
+        assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
         r = httpx.post(url, json=OK_CHAT, headers={"Authorization": "Bearer wrong"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+        assert r.headers["www-authenticate"] == "Bearer"
         assert httpx.post(url, json=OK_CHAT, headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         for open_route in ("/health", "/live", "/metrics"):
