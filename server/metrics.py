@@ -34,6 +34,8 @@ class Metrics:
                         gauge("vllm:num_requests_waiting", "Requests queued for admission (vLLM name).")]
         self.prompt_tokens = counter("llada_prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("llada_generation_tokens", "Answer tokens returned (up to EOS).")
+        self._requests = Counter("llada_requests", "Requests queued, by kind (generation, loglikelihood).",
+                                 ["model_name", "kind"], registry=r)
         self._success = Counter("llada_request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
         self.steps = counter("llada_denoising_steps", "Engine steps (one batched forward each).")
@@ -51,6 +53,9 @@ class Metrics:
             g.set(running)
         for g in self.waiting:
             g.set(waiting)
+
+    def request(self, kind: str) -> None:
+        self._requests.labels(self.model_name, kind).inc()
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__
 from server.api import openapi
 from server.api.errors import APIError, error_response
+from server.api.loglikelihood import LoglikelihoodRequest, LoglikelihoodServing
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.api.serving import OpenAIServing
 
@@ -96,6 +97,7 @@ class ServerState:
         self.draining = False
         self.in_flight = 0  # generation requests being answered
         self.serving = OpenAIServing(engine, config, model_name)
+        self.loglikelihood = LoglikelihoodServing(engine, model_name)
 
 
 class BodyLimit:
@@ -167,7 +169,7 @@ class InFlight:
     their response (streamed or not) has ended by any path, so draining waits
     for exactly them."""
 
-    ROUTES = ("/v1/completions", "/v1/chat/completions")
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
 
     def __init__(self, app, state: "ServerState"):
         self.app, self.state = app, state
@@ -254,6 +256,11 @@ def build_app(state: ServerState, metrics) -> FastAPI:
         if body.model_extra:
             logger.debug("ignoring unknown fields %s", sorted(body.model_extra))
         return await generation("chat", body, request)
+
+    @app.post("/v1/loglikelihood", dependencies=auth, responses=openapi.errors(openapi.GENERATION))
+    async def loglikelihood(body: LoglikelihoodRequest, request: Request):
+        check_available()
+        return JSONResponse(await state.loglikelihood.run(body, request))
 
     def model_card() -> dict:
         engine = state.engine.engine

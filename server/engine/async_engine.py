@@ -22,8 +22,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
-from sampler.params import DiffusionParams
+from sampler.params import DiffusionParams, LikelihoodParams
 from server.engine.messages import RequestOutput
+from server.engine.likelihood import LikelihoodRequest
 from server.engine.request import Request, RequestStatus
 from server.metrics import Metrics
 
@@ -90,7 +91,13 @@ class AsyncEngine:
         self._check_alive()
         return self.engine.make_request(req_id, prompt_ids, params)
 
-    def submit(self, req: Request, every_step: bool = False) -> AsyncIterator[RequestOutput]:
+    def make_likelihood_request(self, req_id: str, context_ids: list[int], continuation_ids: list[int],
+                                params: LikelihoodParams) -> LikelihoodRequest:
+        """Validates a likelihood request (ValueError naming the field) without queueing it."""
+        self._check_alive()
+        return self.engine.make_likelihood_request(req_id, context_ids, continuation_ids, params)
+
+    def submit(self, req: Request | LikelihoodRequest, every_step: bool = False) -> AsyncIterator[RequestOutput]:
         """Queues ``req`` now (raising QueueFullError, EngineDeadError or
         EngineNotReadyError at once) and returns the iterator of its outputs,
         which ends with the finished one: those that add final tokens, or
@@ -108,6 +115,7 @@ class AsyncEngine:
             self._forget(req.req_id)
             self._check_alive()
         self.metrics.prompt_tokens.inc(req.prompt_len)
+        self.metrics.request(req.kind)
         self._post("add", req)
         return self._outputs(req.req_id, queue)
 

@@ -66,6 +66,7 @@ class LikelihoodRequest:
 
     # -- what the scheduler reads ----------------------------------------------------------
     uses_cache = False
+    kind = "loglikelihood"
 
     @property
     def prompt_len(self) -> int:

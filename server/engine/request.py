@@ -34,6 +34,7 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     error: str | None = None
+    kind = "generation"  # the request kinds: generation, loglikelihood
 
     def __post_init__(self) -> None:
         p = self.params

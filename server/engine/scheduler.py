@@ -56,7 +56,7 @@ class Scheduler:
         limit = self.config.max_num_batched_tokens
         if isinstance(req, LikelihoodRequest):
             if req.min_step_tokens > limit:
-                raise ValueError(f"requests: context + continuation ({len(req.seq_ids)} tokens per sample, guidance "
+                raise ValueError(f"continuation: context + continuation ({len(req.seq_ids)} tokens per sample, guidance "
                                  f"and the greedy check counted) exceeds max_num_batched_tokens {limit}")
             return
         if req.num_tokens > limit:
