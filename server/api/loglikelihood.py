@@ -25,27 +25,26 @@ import time
 import uuid
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import Field, StrictBool, StrictInt
 
 from sampler.params import LikelihoodParams
 from server.api.errors import APIError
+from server.api.protocol import RequestBody
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
 
 QUEUE_FULL = ("the server is at capacity: too many queued requests, retry later", "rate_limit_error", None,
               "queue_full", {"Retry-After": "1"})
 
 
-class LoglikelihoodPair(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class LoglikelihoodPair(RequestBody):
     context: str | list[StrictInt]
     continuation: str | list[StrictInt]
 
 
-class LoglikelihoodRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+class LoglikelihoodRequest(RequestBody):
     model: str | None = None
-    requests: Annotated[list[LoglikelihoodPair], Field(min_length=1, max_length=1024)]
-    mc_num: Annotated[StrictInt, Field(ge=1, le=65536)] = Field(128, description="Monte Carlo samples per pair")
+    requests: Annotated[list[LoglikelihoodPair], Field(min_length=1, max_length=256)]
+    mc_num: Annotated[StrictInt, Field(ge=1, le=4096)] = Field(128, description="Monte Carlo samples per pair")
     batch_size: Annotated[StrictInt, Field(ge=1)] | None = Field(
         None, description="samples per stratified batch; must divide mc_num (default: its largest divisor up to 16)")
     seed: StrictInt | None = Field(None, description="seeds the mask draws (every pair the same); default random")

@@ -17,7 +17,7 @@ from server.config import ServerConfig
 from tests.api.conftest import start_server
 
 MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "25"))
-ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize", "/v1/loglikelihood")
 
 
 @pytest.fixture(scope="module")
