@@ -1,18 +1,23 @@
 """Loading Hugging Face checkpoints: safetensors only, streamed.
 
-Weights are read straight from disk into the model's preallocated parameters
-(``readinto`` on the parameter's own memory when dtypes match), one tensor at a
-time, so loading never holds two copies of the weights. Pickle checkpoints
+The model is built on the meta device and each parameter allocated once, in
+the target dtype on the target device. Weights are then read straight from
+disk into those parameters: ``readinto`` on the parameter's own memory when it
+is on the CPU in the file's dtype, else through a small reusable host buffer,
+a chunk at a time, converted as each chunk is copied. So loading needs the
+target weights' bytes plus a few MB, never a float32 or second copy (measured
+in tests/models/test_loader.py). Pickle checkpoints
 (``.bin``/``.pt``) are refused, never unpickled. Every bad checkpoint gets one
 error naming the file, tensor or field.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -162,20 +167,61 @@ def read_header(file: Path) -> list[TensorEntry]:
     return entries
 
 
-def _read_into(entry: TensorEntry, dest: torch.Tensor) -> None:
-    """Fill ``dest`` (a slice of a parameter) with the tensor's data, reading
-    straight into it when it is a contiguous CPU tensor of the file's dtype."""
-    with open(entry.file, "rb", buffering=0) as f:
-        f.seek(entry.start)
-        if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
-            buf = dest.view(-1).view(torch.uint8).numpy()
-            if f.readinto(buf) != entry.end - entry.start:
-                raise CheckpointError(f"{entry.file}: tensor {entry.name} is truncated")
-            return
-        tmp = torch.empty(entry.shape, dtype=entry.dtype)
-        if f.readinto(tmp.view(-1).view(torch.uint8).numpy()) != entry.end - entry.start:
-            raise CheckpointError(f"{entry.file}: tensor {entry.name} is truncated")
-        dest.copy_(tmp)
+class _Staging:
+    """Reusable host buffers through which tensors that cannot be read in
+    place travel (another dtype, or another device), a chunk at a time, so
+    loading never holds a tensor-sized intermediate: the peak stays the
+    target weights plus ``num * nbytes``. Two pinned buffers on CUDA, so the
+    disk read of one chunk overlaps the copy of the previous one to the
+    device."""
+
+    def __init__(self, device: torch.device, nbytes: int):
+        pinned = device.type == "cuda"
+        self.num = 2 if pinned else 1
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned) for _ in range(self.num)]
+        self.events = [torch.cuda.Event() if pinned else None for _ in range(self.num)]
+        self.turn = 0
+
+    def next(self) -> tuple[torch.Tensor, Any]:
+        i = self.turn
+        self.turn = (i + 1) % self.num
+        if self.events[i] is not None:
+            self.events[i].synchronize()  # the copy that last read this buffer is done
+        return self.bufs[i], self.events[i]
+
+
+def _read_exact(f, buf: torch.Tensor, entry: TensorEntry) -> None:
+    if f.readinto(buf.numpy()) != buf.numel():
+        raise CheckpointError(f"{entry.file}: tensor {entry.name} is truncated")
+
+
+def _read_into(f, entry: TensorEntry, dest: torch.Tensor, staging: _Staging) -> None:
+    """Fill ``dest`` (a parameter's rows) with the tensor's data: straight
+    into it when it is a contiguous CPU tensor of the file's dtype, else
+    chunk by chunk through ``staging``, converting each chunk's dtype as it
+    is copied (the same rounding as converting the whole tensor)."""
+    f.seek(entry.start)
+    if dest.device.type == "cpu" and dest.dtype == entry.dtype and dest.is_contiguous():
+        _read_exact(f, dest.view(-1).view(torch.uint8), entry)
+        return
+    flat = dest.view(-1) if dest.is_contiguous() else dest.reshape(-1)  # reshape: a copy, written back below
+    elem = torch.empty((), dtype=entry.dtype).element_size()
+    per_chunk = max(1, staging.bufs[0].numel() // elem)
+    for i in range(0, flat.numel(), per_chunk):
+        n = min(per_chunk, flat.numel() - i)
+        buf, event = staging.next()
+        raw = buf[: n * elem]
+        _read_exact(f, raw, entry)
+        flat[i:i + n].copy_(raw.view(entry.dtype), non_blocking=event is not None)
+        if event is not None:
+            event.record()
+    if flat.data_ptr() != dest.data_ptr():
+        dest.copy_(flat.view(dest.shape))
+
+
+# Staging buffer per chunk: small on CPU, where it counts against the host
+# memory the load needs; larger for the device, where bigger copies run faster.
+_STAGING_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 
 
 def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
@@ -195,12 +241,64 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
         if e.name in seen:
             raise CheckpointError(f"{e.file}: tensor {e.name} appears twice in the checkpoint")
         seen.add(e.name)
-        with torch.no_grad():
-            _read_into(e, param.data[row0:row1])
     missing = sorted(set(table) - seen)
     if missing:
         raise CheckpointError(f"{files[0].parent}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    device = next(iter(table.values()))[0].device
+    staging = _Staging(device, _STAGING_BYTES.get(device.type, 64 << 20))
+    with torch.no_grad():
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                for e in (e for e in entries if e.file == file):
+                    param, row0, row1 = table[e.name]
+                    _read_into(f, e, param.data[row0:row1], staging)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last chunks are copied before the buffers go
+
+
+@contextlib.contextmanager
+def _skip_init() -> Iterator[None]:
+    """Layers' random initialisation turned into no-ops while the model is
+    built on the meta device (as Hugging Face's ``no_init_weights`` does):
+    the checkpoint overwrites every weight, and meta's ``normal_`` alone
+    imports ~150 MB of Python modules (sympy, inductor) on first use."""
+    saved = {name: fn for name, fn in vars(torch.nn.init).items()
+             if name.endswith("_") and not name.startswith("_") and callable(fn)}
+
+    def skip(tensor, *args, **kwargs):
+        return tensor
+
+    try:
+        for name in saved:
+            setattr(torch.nn.init, name, skip)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
+
+
+def materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Gives a model built on the meta device uninitialised storage, each
+    floating-point parameter and buffer allocated once, directly in ``dtype``
+    on ``device`` (no float32 copy on the way). Tied tensors stay tied."""
+    # id -> (meta tensor, its replacement); the meta tensor is kept so its id is not reused.
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def alloc(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in done:
+            new = torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+            done[id(t)] = (t, torch.nn.Parameter(new, requires_grad=False) if isinstance(t, torch.nn.Parameter) else new)
+        return done[id(t)][1]
+
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = alloc(p)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = alloc(b)
+    return model
 
 
 def pick_dtype(dtype: str, raw_config: dict[str, Any]) -> torch.dtype:
@@ -230,9 +328,8 @@ def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.n
         raise CheckpointError(str(e)) from None
     files = checkpoint_files(path)
     torch_dtype, torch_device = pick_dtype(dtype, raw), pick_device(device)
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_init():
         model = model_cls(cfg)
-    # Allocate once, uninitialised, on the target device in the target dtype.
-    model = model.to_empty(device=torch_device).to(torch_dtype)
+    materialize(model, torch_dtype, torch_device)
     load_weights(model, files)
     return model.eval().requires_grad_(False)
