@@ -70,7 +70,10 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("default-decoding", str, "exact", "exact | prefix_cache | dual_cache, when a request gives none")
     flag("default-remasking", str, "low_confidence", "commit rule when a request gives none")
     flag("default-threshold", float, 0.9, "the threshold rule's bar when a request gives none")
-    flag("kv-cache-tokens", int, None, "KV-cache slots for the cache modes (default: max-num-batched-tokens; 0: off)")
+    flag("kv-cache-tokens", int, None, "KV-cache slots for the cache modes (default: on CUDA sized by "
+         "--gpu-memory-utilization, on CPU max-num-batched-tokens; 0: off)")
+    flag("gpu-memory-utilization", float, 0.9, "fraction of the GPU's total memory this server may use: the KV "
+         "cache gets what weights and a profile step at the largest batch leave (CUDA; --kv-cache-tokens overrides)")
     flag("max-body-bytes", int, 1 << 20, "largest request body accepted")
     flag("drain-timeout", float, 30.0, "seconds in-flight requests get to finish after SIGTERM")
     p.add_argument("--no-playground", action="store_true",

@@ -17,12 +17,17 @@ class ModelConfig:
     dtype: str = "auto"  # auto = the checkpoint's torch_dtype
     device: str = "auto"  # auto = cuda if available, else cpu
     max_model_len: int | None = None  # prompt + canvas; None = the config's max_sequence_length
+    # Fraction of the GPU's total memory this process may use (vLLM's meaning): the KV
+    # pool gets what a profile forward leaves of it. CUDA only; kv_cache_tokens overrides.
+    gpu_memory_utilization: float = 0.9
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

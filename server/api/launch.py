@@ -60,7 +60,7 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
 
     model_defaults = recommended_decoding(args.model, gen_length=128, block_length=32)
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
-                               max_model_len=args.max_model_len)
+                               max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        kv_cache_tokens=args.kv_cache_tokens)

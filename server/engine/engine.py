@@ -14,8 +14,9 @@ from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.runner import ModelRunner
+from server.engine.kv_sizing import MemorySource, device_memory, size_kv_cache
 from server.engine.scheduler import Scheduler, SchedulerConfig
-from server.models.loader import load_model, resolve_model_path
+from server.models.loader import generation_defaults, load_model, resolve_model_path
 from server.tokenizer import Tokenizer, stop_token_ids
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,10 @@ class StepStats:
 
 
 class LLMEngine:
-    def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig | None = None):
+    def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig | None = None,
+                 memory: MemorySource | None = None):
+        """``memory``: where the KV pool's size comes from (default: CUDA's
+        figures on a GPU, none on CPU: see server/engine/kv_sizing.py)."""
         self.model_config = model_config
         self.path: Path = resolve_model_path(model_config.model)
         self.model = load_model(self.path, model_config.dtype, model_config.device)
@@ -40,7 +44,9 @@ class LLMEngine:
         self.max_model_len: int = model_config.max_model_len or cfg.max_sequence_length
         self.tokenizer = Tokenizer.load(self.path)
         self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
-        sc = scheduler_config or SchedulerConfig()
+        sc = size_kv_cache(self.model, scheduler_config or SchedulerConfig(), model_config.gpu_memory_utilization,
+                           memory if memory is not None else device_memory(self.model.device),
+                           generation_defaults(self.path).get("gen_length", 128))
         self.scheduler = Scheduler(sc)
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
         self.last_step = StepStats(0, 0, [])

@@ -282,6 +282,7 @@ SCHEMA_ERRORS = {
     "string-for-int": ("engine:\n  maxNumSeqs: sixteen\n", "at '/engine/maxNumSeqs': got string, want null or integer"),
     "quoted-gpu-count": ("gpu:\n  count: '1'\n", "at '/gpu/count': got string, want integer"),
     "bad-dtype": ("engine:\n  dtype: bf16\n", "at '/engine/dtype'"),
+    "gpu-utilization-over-1": ("engine:\n  gpuMemoryUtilization: 1.5\n", "at '/engine/gpuMemoryUtilization'"),
     "typo": ("engine:\n  maxNumSeq: 4\n", "additional properties 'maxNumSeq' not allowed"),
     "hub-without-id": ("model:\n  source: hub\n", "at '/model/hub/id': minLength"),
     "bad-source": ("model:\n  source: s3\n", "at '/model/source'"),
