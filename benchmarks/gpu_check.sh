@@ -14,13 +14,15 @@
 # summary.txt (the table printed last). Exit status: non-zero if any part failed.
 #
 # The parts, in run order (PARTS below):
-#   kernels  (a) tests/kernels compiled for the GPU, bench_attention.py, bench_unmask.py
+#   golden       (b) shared/golden/llada-tiny through the engine: float32 token for token, bfloat16 logits
+#   kernel_tests (a) tests/kernels compiled for the GPU, bench_attention.py, bench_unmask.py
 #
 # Adding a part: write benchmarks/gpu_parts/NAME.py that calls
-# _part.run_part("NAME", body) (see kernels.py): it gets --json PATH and,
-# in a dry run, --small; it must write that JSON (run_part does, even on a
-# crash) with "ok" and "summary" (lines for the final table, ~100 chars
-# each). Then add "NAME SECONDS" to PARTS. SECONDS is its hard limit; keep
+# _part.run_part("NAME", body) (see kernel_tests.py; NAME must not be a
+# top-level package of the repository: kernels, server, sampler). It gets
+# --json PATH and, in a dry run, --small; it must write that JSON (run_part
+# does, even on a crash) with "ok" and "summary" (lines for the final table,
+# ~100 chars each). Then add "NAME SECONDS" to PARTS. SECONDS is its hard limit; keep
 # the sum of limits under GPU_CHECK_BUDGET (470 s): a part that would start
 # with less than its limit left gets only what is left, and none with
 # under 10 s. Make --small run on CPU in seconds (tests/test_gpu_check.py
@@ -30,7 +32,8 @@ cd "$(dirname "$0")/.."
 repo=$PWD
 
 PARTS=(
-    "kernels 190"
+    "golden 75"
+    "kernel_tests 125"
 )
 
 small=()

@@ -13,7 +13,7 @@ from tests.conftest import REPO
 def test_every_part_dry_runs_on_cpu(tmp_path):
     parts = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--list"], cwd=REPO, capture_output=True,
                            text=True, check=True).stdout.split()
-    assert "kernels" in parts
+    assert "kernel_tests" in parts
     env = dict(os.environ, OUT=str(tmp_path), PYTHONPATH=str(REPO))
     order = ["no_such_part", *parts]  # a missing part first: the real ones still run
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--small", "--parts", ",".join(order)], cwd=REPO,

@@ -68,10 +68,10 @@ def body(args, rec: Record) -> None:
 
 def add_args(ap) -> None:
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--pytest-limit", type=float, default=100)
-    ap.add_argument("--attention-limit", type=float, default=50)
-    ap.add_argument("--unmask-limit", type=float, default=30)
+    ap.add_argument("--pytest-limit", type=float, default=80)
+    ap.add_argument("--attention-limit", type=float, default=30)
+    ap.add_argument("--unmask-limit", type=float, default=15)
 
 
 if __name__ == "__main__":
-    run_part("kernels", body, add_args)
+    run_part("kernel_tests", body, add_args)
