@@ -15,6 +15,9 @@
 #
 # The parts, in run order (PARTS below):
 #   golden       (b) shared/golden/llada-tiny through the engine: float32 token for token, bfloat16 logits
+#   load_8b      (c) a LLaDA-8B-shaped random bf16 checkpoint written to local disk, loaded: time, peak memory
+#   decode       (d) tokens/s at concurrency 1/16/64, exact / dual_cache / dual_cache 4 per step, graphs
+#                    off/on, step time beside the roofline floor (reuses load_8b's checkpoint, or writes it)
 #   kernel_tests (a) tests/kernels compiled for the GPU, bench_attention.py, bench_unmask.py
 #
 # Adding a part: write benchmarks/gpu_parts/NAME.py that calls
@@ -33,6 +36,8 @@ repo=$PWD
 
 PARTS=(
     "golden 75"
+    "load_8b 100"
+    "decode 170"
     "kernel_tests 125"
 )
 

@@ -2,12 +2,17 @@
 the loader reads): ``config.json`` with LLaDA's field names and
 ``model.safetensors`` (or shards plus ``model.safetensors.index.json``)
 under the real checkpoint's tensor names, fused weights split back.
-Used by the demo-model training script, tests and benchmarks."""
+Used by the demo-model training script, tests and benchmarks.
+``write_safetensors_streaming`` writes a file tensor by tensor, for
+checkpoints larger than host memory (the GPU check's LLaDA-8B-sized one)."""
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -63,3 +68,32 @@ def save_checkpoint(model: torch.nn.Module, out: Path, num_shards: int = 1, dtyp
              "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
+
+
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def write_safetensors_streaming(path: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
+                                make: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]) -> int:
+    """Writes a safetensors file one tensor at a time: ``make(name, shape,
+    dtype)`` produces each tensor (on any device) only when its turn comes,
+    so a checkpoint far larger than host memory can be written (a random
+    LLaDA-8B-sized one on a GPU machine). Returns the bytes written."""
+    offsets, header, pos = [], {"__metadata__": {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [pos, pos + n]}
+        offsets.append(n)
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for (name, shape, dtype), n in zip(specs, offsets):
+            t = make(name, shape, dtype)
+            if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+                raise ValueError(f"{name}: made {tuple(t.shape)} {t.dtype}, declared {tuple(shape)} {dtype}")
+            data = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+            assert data.nbytes == n
+            f.write(memoryview(data))
+    return 8 + len(raw) + pos

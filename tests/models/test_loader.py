@@ -195,3 +195,26 @@ def test_load_peak_memory_is_the_target_weights(big_checkpoints, saved, target):
     peak, weights = map(int, out.stdout.split())
     assert weights == 53_484_288 * (2 if target == "bfloat16" else 4)  # the model really is that big
     assert peak <= PEAK_LIMIT * weights, f"loading {weights / 1e6:.0f} MB of weights peaked at {peak / 1e6:.0f} MB"
+
+
+def test_streamed_safetensors_file_reads_back(tmp_path, golden_dir):
+    """The streaming writer's file is what safetensors itself reads, and the
+    loader loads a model written through it."""
+    from server.models.writer import llada_config_dict, write_safetensors_streaming
+
+    ref = load_model(golden_dir, "float32", "cpu")
+    tensors = {name: param.data[r0:r1].to(torch.bfloat16) for name, (param, r0, r1) in ref.checkpoint_params().items()}
+    specs = [(name, tuple(t.shape), t.dtype) for name, t in sorted(tensors.items())]
+    out = tmp_path / "streamed"
+    out.mkdir()
+    made = []
+    size = write_safetensors_streaming(out / "model.safetensors", specs,
+                                       lambda name, shape, dtype: made.append(name) or tensors[name])
+    assert made == [s[0] for s in specs] and size == (out / "model.safetensors").stat().st_size
+    back = load_file(str(out / "model.safetensors"))
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    (out / "config.json").write_text(json.dumps(llada_config_dict(ref.config)))
+    model = load_model(out, "bfloat16", "cpu")
+    assert torch.equal(model.blocks[1].qkv_proj.weight, ref.blocks[1].qkv_proj.weight.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="declared"):
+        write_safetensors_streaming(out / "bad.safetensors", specs[:1], lambda *a: torch.zeros(3))

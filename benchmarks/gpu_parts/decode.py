@@ -1,0 +1,200 @@
+"""gpu_check part (d): decoding speed of the LLaDA-8B-shaped random bf16
+checkpoint (see _llada8b.py) through LLMEngine on the GPU: tokens/s at
+concurrency 1, 16 and 64 for exact, dual_cache, and dual_cache committing 4
+tokens per step, each with CUDA graphs off and on (when the engine has an
+``enforce_eager`` setting: --graphs), and each step's time beside its
+roofline floor, max(bytes / bandwidth, FLOPs / matrix rate), with both
+ceilings measured on the device first (a device-to-device copy, a bf16
+matrix product).
+
+Each measurement: a warm-up batch (2 steps, then aborted), then a fresh
+batch of `concurrency` requests (64-token prompt, 256-token canvas, blocks
+of 32, ignore_eos) timed over its first block: every step of a block in the
+cache modes (one fill, then uses: the steady mix), at least 3 steps and
+about --seconds in exact mode (all its steps cost the same). The floor
+counts, per step: every weight read once (the embedding excepted, it is
+only gathered), cached keys/values read and stored ones written; FLOPs of
+the linear layers per token through the model, attention over the whole
+canvas, and the LM head on the rows that get logits."""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+from _llada8b import default_dir, ensure_checkpoint
+from _part import REPO, Record, device_of, run_part
+
+MODES = ("exact", "dual_cache", "dual_cache_k4")
+
+
+def ceilings(device, small: bool) -> tuple[float, float]:
+    """(copy bytes/s counting read + write, bf16 matrix FLOP/s), measured."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from timing import time_fn
+
+    if small:  # toy sizes on CPU: the numbers only exercise the arithmetic
+        n, m = 16 << 20, 256
+    else:
+        n, m = 1 << 30, 8192
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * n / time_fn(lambda: dst.copy_(src), device, iters=10)
+    a = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    b = torch.randn(m, m, device=device, dtype=torch.bfloat16)
+    rate = 2 * m ** 3 / time_fn(lambda: a @ b, device, iters=10)
+    return bandwidth, rate
+
+
+def step_cost(seqs: list[tuple], cfg, elem: int = 2) -> tuple[float, float]:
+    """(FLOPs, bytes) of one step over ``seqs``: (canvas length, block,
+    cache action, decoding, rows with logits) per scheduled request."""
+    d, layers, vocab, hidden = cfg.d_model, cfg.n_layers, cfg.embedding_size, cfg.mlp_hidden_size
+    kv = cfg.n_kv_heads * cfg.head_dim
+    per_layer = d * (d + 2 * kv) + d * d + 2 * d * hidden + hidden * d  # qkv, out, gate+up, down
+    flops, kv_bytes = 0.0, 0.0
+    for canvas, (b0, b1), action, decoding, rows in seqs:
+        dual = decoding == "dual_cache"
+        through = (b1 - b0 if dual else canvas - b0) if action == "use" else canvas
+        cached = canvas - through if action == "use" else 0
+        stored = (canvas - (b1 - b0) if dual else b0) if action == "fill" else 0
+        flops += 2 * per_layer * layers * through + 4 * layers * d * through * canvas + 2 * d * vocab * rows
+        kv_bytes += layers * 2 * kv * elem * (cached + stored)
+    weights = (layers * per_layer + vocab * d) * elem
+    return flops, weights + kv_bytes
+
+
+def make_engine(path: Path, device, graphs: bool | None, max_seqs: int, canvas: int):
+    """An engine with graphs on/off where the config has ``enforce_eager``;
+    ``graphs=None``: the engine's default."""
+    from server.config import ModelConfig
+    from server.engine.engine import LLMEngine
+    from server.engine.scheduler import SchedulerConfig
+
+    mc = dict(model=str(path), dtype="bfloat16", device=str(device))
+    sc = dict(max_num_seqs=max_seqs, max_num_batched_tokens=max_seqs * canvas)
+    if graphs is not None:
+        for cls, kw in ((ModelConfig, mc), (SchedulerConfig, sc)):
+            if "enforce_eager" in {f.name for f in dataclasses.fields(cls)}:
+                kw["enforce_eager"] = not graphs
+    return LLMEngine(ModelConfig(**mc), SchedulerConfig(**sc))
+
+
+def measure(engine, mode: str, conc: int, shape: dict, seconds: float, bw: float, rate: float, sync) -> dict:
+    import random
+
+    from sampler.params import DiffusionParams
+
+    gen, block, prompt_len = shape["gen"], shape["block"], shape["prompt"]
+    per_step = 4 if mode.endswith("k4") else 1
+    params = DiffusionParams(gen_length=gen, block_length=block, steps=gen // per_step, seed=0, ignore_eos=True,
+                             decoding="exact" if mode == "exact" else "dual_cache")
+    rng = random.Random(conc)
+    vocab = min(engine.vocab_size, engine.mask_id) - 1
+
+    def batch(tag: str) -> list[str]:
+        ids = [f"{tag}-{mode}-{conc}-{i}" for i in range(conc)]
+        for rid in ids:
+            engine.add_request(rid, [rng.randrange(vocab) for _ in range(prompt_len)], params)
+        return ids
+
+    warm = batch("warm")  # compiles, captures, fills the allocator's pools
+    for _ in range(2):
+        engine.step()
+    for rid in warm:
+        engine.abort_request(rid)
+
+    seen: list[list[tuple]] = []
+    real = engine.runner.execute
+
+    def spy(sched):
+        seen.append([(len(s.canvas), s.block, s.cache_action, s.decoding, len(s.rows)) for s in sched.seqs])
+        return real(sched)
+
+    engine.runner.execute = spy
+    ids = batch("run")
+    steps_per_block = block // per_step
+    committed, times = 0, []
+    try:
+        while len(times) < steps_per_block:
+            sync()
+            t0 = time.perf_counter()
+            engine.step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            committed += engine.last_step.num_committed
+            if mode == "exact" and len(times) >= 3 and sum(times) >= seconds:
+                break
+    finally:
+        engine.runner.execute = real
+        for rid in ids:
+            engine.abort_request(rid)
+    floors = []
+    for seqs in seen[: len(times)]:
+        flops, nbytes = step_cost(seqs, engine.model.config)
+        floors.append(max(nbytes / bw, flops / rate))
+    step_s = sum(times) / len(times)
+    floor_s = statistics.mean(floors) if floors else float("nan")
+    return {"mode": mode, "concurrency": conc, "steps": len(times), "step_ms": 1e3 * step_s,
+            "step_ms_median": 1e3 * statistics.median(times), "floor_ms": 1e3 * floor_s,
+            "x_floor": step_s / floor_s if floors else None, "tokens_per_s": committed / sum(times),
+            "committed": committed, "running": max((len(s) for s in seen), default=0)}
+
+
+def body(args, rec: Record) -> None:
+    import torch
+
+    device = device_of(args.small)
+    cuda = device.type == "cuda"
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    root = Path(args.dir) if args.dir else default_dir(args.small)
+    shape = dict(gen=32, block=8, prompt=8) if args.small else dict(gen=256, block=32, prompt=64)
+    concs = [int(c) for c in (args.concurrency or ("1,4" if args.small else "1,16,64")).split(",")]
+    info = ensure_checkpoint(root, args.small, device)
+    rec.data["checkpoint"] = info
+    bw, rate = ceilings(device, args.small)
+    rec.data.update(bandwidth=bw, matrix_rate=rate, shape=shape, rows=[])
+    rec.line(f"ceilings measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
+             f"canvas {shape['prompt']}+{shape['gen']}, block {shape['block']}")
+    rec.line(f"{'mode':14s} {'conc':>4s} {'graphs':>6s} {'run':>4s} {'steps':>5s} {'step ms':>8s} "
+             f"{'floor ms':>8s} {'x floor':>7s} {'tok/s':>8s}")
+    from server.config import ModelConfig
+    from server.engine.scheduler import SchedulerConfig
+
+    has = any("enforce_eager" in {f.name for f in dataclasses.fields(c)} for c in (ModelConfig, SchedulerConfig))
+    for setting in args.graphs.split(","):
+        graphs = {"on": True, "off": False}[setting]
+        if graphs and not has:
+            rec.line("graphs on: skipped, the engine has no enforce_eager setting (no graph step)")
+            continue
+        label = setting if has else "n/a"
+        with rec.sub(f"graphs_{setting}"):
+            engine = make_engine(root, device, graphs, max(concs), shape["prompt"] + shape["gen"])
+            for mode in MODES:
+                for conc in concs:
+                    with rec.sub(f"{mode}_{conc}_{setting}"):
+                        r = measure(engine, mode, conc, shape, args.seconds, bw, rate, sync)
+                        r["graphs"] = label
+                        rec.data["rows"].append(r)
+                        xf = f"{r['x_floor']:7.2f}" if r["x_floor"] else f"{'-':>7s}"
+                        rec.line(f"{mode:14s} {conc:4d} {label:>6s} {r['running']:4d} {r['steps']:5d} "
+                                 f"{r['step_ms']:8.2f} {r['floor_ms']:8.3f} {xf} {r['tokens_per_s']:8.1f}")
+            del engine
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def add_args(ap) -> None:
+    ap.add_argument("--dir", default=None, help="the checkpoint (default $LLADA_8B_DIR or /tmp)")
+    ap.add_argument("--graphs", default="off,on", help="CUDA graphs settings to run, in order: off,on")
+    ap.add_argument("--concurrency", default=None, help="comma-separated (default 1,16,64; --small 1,4)")
+    ap.add_argument("--seconds", type=float, default=2.0, help="time per exact-mode measurement")
+
+
+if __name__ == "__main__":
+    run_part("decode", body, add_args)
