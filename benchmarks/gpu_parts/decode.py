@@ -19,6 +19,7 @@ canvas, and the LM head on the rows that get logits."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import statistics
 import time
 from pathlib import Path
@@ -185,8 +186,9 @@ def body(args, rec: Record) -> None:
                         rec.line(f"{mode:14s} {conc:4d} {label:>6s} {r['running']:4d} {r['steps']:5d} "
                                  f"{r['step_ms']:8.2f} {r['floor_ms']:8.3f} {xf} {r['tokens_per_s']:8.1f}")
             del engine
-            if cuda:
-                torch.cuda.empty_cache()
+        gc.collect()  # the next setting's engine sizes its KV pool from what this one frees
+        if cuda:
+            torch.cuda.empty_cache()
 
 
 def add_args(ap) -> None:

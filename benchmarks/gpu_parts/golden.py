@@ -13,6 +13,7 @@ inside the repository (the device tool carries a shared/ inside the checkout,
 not the ../shared beside it), then ../shared/golden/llada-tiny."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -68,7 +69,12 @@ def body(args, rec: Record) -> None:
 
     for dtype in ("float32", "bfloat16"):
         with rec.sub(f"logits_{dtype}"):
-            llm = LLM(str(golden), dtype=dtype, device=str(device))
+            llm = None  # the previous dtype's engine and its KV pool go first
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            # A tiny model: 5% of the device is a large KV pool already (its pages are 16 KB).
+            llm = LLM(str(golden), dtype=dtype, device=str(device), gpu_memory_utilization=0.05)
             model = llm.engine.model
             with torch.inference_mode():
                 packed = model(ids.reshape(-1).to(device), torch.arange(ids.shape[1]).repeat(2).to(device),
