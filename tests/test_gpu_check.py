@@ -30,3 +30,32 @@ def test_every_part_dry_runs_on_cpu(tmp_path):
     summary = (out / "summary.txt").read_text()
     assert summary.rstrip().endswith("FAILED: no_such_part") and all(name in summary for name in parts)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "summary.txt"]
+
+
+def test_decode_floor_counts_the_real_model():
+    """The decode part's roofline: per-step weight bytes equal the LLaDA-8B
+    model's own parameters (the embedding, only gathered, and the norms
+    aside), and an exact step's FLOPs grow as 2 x those weights per token."""
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks" / "gpu_parts"))
+    from _llada8b import config
+    from decode import step_cost
+
+    from server.models.llada import LLaDAModel
+
+    cfg = config(small=False)
+    with torch.device("meta"):
+        model = LLaDAModel(cfg)
+    matrices = sum(p.numel() for n, p in model.named_parameters()
+                   if not n.endswith("norm.weight") and n not in ("ln_f.weight", "wte.weight"))
+    assert 7.4e9 < matrices < 7.6e9  # 8.0B parameters with the embedding
+    flops, nbytes = step_cost([], cfg)
+    assert (flops, nbytes) == (0, 2 * matrices)
+    one, _ = step_cost([(320, (64, 96), None, "exact", 0)], cfg)
+    two, _ = step_cost([(320, (64, 96), None, "exact", 0)] * 2, cfg)
+    head = 2 * cfg.d_model * cfg.embedding_size  # the LM head is not run on a row without logits
+    attention = 4 * cfg.n_layers * cfg.d_model * 320 * 320
+    assert one == 2 * (matrices - head // 2) * 320 + attention and two == 2 * one
