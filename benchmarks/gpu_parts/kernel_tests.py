@@ -68,9 +68,9 @@ def body(args, rec: Record) -> None:
 
 def add_args(ap) -> None:
     ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--pytest-limit", type=float, default=80)
-    ap.add_argument("--attention-limit", type=float, default=30)
-    ap.add_argument("--unmask-limit", type=float, default=15)
+    ap.add_argument("--pytest-limit", type=float, default=70)
+    ap.add_argument("--attention-limit", type=float, default=25)
+    ap.add_argument("--unmask-limit", type=float, default=12)
 
 
 if __name__ == "__main__":
