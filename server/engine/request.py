@@ -50,6 +50,7 @@ class Request:
         self.first_token_time: float | None = None
         self.is_adaptive = REMASKING[p.remasking].is_adaptive  # steps follow the model, not the schedule
         self.pages: list[int] = []  # KV pages, reserved at admission in the cache modes
+        self.deferred_since: int | None = None  # scheduler step at which its pending fill was first deferred
 
     @property
     def prompt_len(self) -> int:
@@ -57,8 +58,28 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens this request puts through the model per step."""
+        """Tokens of a whole-canvas step (an exact step or a cache fill):
+        the most this request ever puts through the model in one step."""
         return len(self.canvas) * (2 if self.params.cfg_scale > 0 else 1)
+
+    @property
+    def max_use_tokens(self) -> int:
+        """The most tokens one of its steps that is not a cache fill computes:
+        the whole canvas (exact), block + suffix at the first block
+        (prefix_cache), the longest block (dual_cache)."""
+        if self.params.decoding == "prefix_cache":
+            return self.params.gen_length
+        if self.params.decoding == "dual_cache":
+            return max(b1 - b0 for b0, b1 in self.blocks)
+        return self.num_tokens
+
+    def step_tokens(self) -> int:
+        """Tokens the current step puts through the model (the runner's plan)."""
+        action = self.cache_action()
+        if action is None or action == "fill":
+            return self.num_tokens
+        b0, b1 = self.block_range
+        return b1 - b0 if self.params.decoding == "dual_cache" else len(self.canvas) - b0
 
     def _block_size(self) -> int:
         b0, b1 = self.blocks[self.block_idx]

@@ -4,9 +4,15 @@ torch.
 Continuous batching for diffusion: every running request takes one step of
 its own schedule per engine step, whatever block or step it is at; waiting
 requests are admitted first-come first-served while the batch has room
-(``max_num_seqs`` requests, ``max_num_batched_tokens`` canvas tokens per
-forward). A request's canvas length is fixed at admission, so the batch never
+(``max_num_seqs`` requests, KV pages for the whole canvas in the cache
+modes). A request's canvas length is fixed at admission, so the batch never
 has to preempt anyone.
+
+The budget, ``max_num_batched_tokens``, bounds the tokens a step puts
+through the model: the whole canvas for an exact step or a cache fill (cfg
+counts the unconditional canvas too), the block (+ suffix for prefix_cache)
+for a cache use step. Every step stays within it; how, and why it cannot
+starve anyone, is said at ``Scheduler.schedule``.
 """
 from __future__ import annotations
 
@@ -23,7 +29,7 @@ from server.engine.request import Request, RequestStatus
 @dataclass
 class SchedulerConfig:
     max_num_seqs: int = 16  # requests in one forward pass
-    max_num_batched_tokens: int = 8192  # canvas tokens in one forward pass (cfg counts twice)
+    max_num_batched_tokens: int = 8192  # tokens one step puts through the model (see the module docstring)
     kv_cache_tokens: int | None = None  # KV slots for the cache modes; None = max_num_batched_tokens, 0 = off
     page_size: int = 16  # tokens per KV page
 
@@ -50,6 +56,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.pages = PageAllocator(config.num_kv_pages, config.page_size) if config.num_kv_pages else None
+        self.num_steps = 0  # schedule() calls so far: dates deferred fills
 
     def check_fits(self, req: Request | LikelihoodRequest) -> None:
         """A request that could never be admitted is refused up front."""
@@ -61,7 +68,7 @@ class Scheduler:
             return
         if req.num_tokens > limit:
             raise ValueError(f"max_tokens: the canvas ({req.num_tokens} tokens, guidance counted twice) "
-                             f"exceeds max_num_batched_tokens {limit}")
+                             f"exceeds max_num_batched_tokens {limit}, the tokens one step may compute")
         if req.uses_cache:
             if self.pages is None:
                 raise ValueError(f"decoding: {req.params.decoding!r} needs the KV cache, which this server "
@@ -93,12 +100,40 @@ class Scheduler:
                     return req
         return None
 
+    def _admits(self, req: Request, use_sum: int, max_extra: int) -> bool:
+        """Whether ``req`` may join running requests whose use steps sum to
+        ``use_sum`` tokens and whose largest fill exceeds its use step by
+        ``max_extra``: the invariant ``schedule`` relies on."""
+        extra = max(max_extra, req.num_tokens - req.max_use_tokens)
+        return use_sum + req.max_use_tokens + extra <= self.config.max_num_batched_tokens
+
     def schedule(self) -> SchedulerOutput:
+        """Admits what fits, then picks the running requests that step now.
+
+        Why no step exceeds the budget, and no request starves. A cache fill
+        costs a whole canvas, a use step only a block (+ suffix), and the
+        fills of several requests may fall on the same engine step. Admitting
+        against every request's fill at once (the sum of canvases) would give
+        the cache modes back the exact mode's batch; instead admission keeps
+
+            sum(max use step of every running request) + max(fill - max use step) <= budget,
+
+        and a step whose pending fills do not all fit defers some of them by
+        one engine step (a deferred request keeps its state: its output, noise
+        included, depends only on its own steps, never on when they run).
+        Use steps (exact steps are use steps whose fill equals them) always
+        run: by the invariant they leave room for at least the first pending
+        fill, so the fill that has waited longest always runs, and a deferred
+        request waits at most as many engine steps as there are fills ahead
+        of it (fewer than ``max_num_seqs``).
+        """
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens - sum(r.num_tokens for r in self.running)
+        self.num_steps += 1
+        use_sum = sum(r.max_use_tokens for r in self.running)
+        max_extra = max((r.num_tokens - r.max_use_tokens for r in self.running), default=0)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if req.num_tokens > budget:
+            if not self._admits(req, use_sum, max_extra):
                 break  # first come, first served: no overtaking
             if req.uses_cache:
                 if not self.pages.can_allocate(len(req.canvas)):
@@ -107,8 +142,13 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            budget -= req.num_tokens
+            use_sum += req.max_use_tokens
+            max_extra = max(max_extra, req.num_tokens - req.max_use_tokens)
             out.admitted.append(req.req_id)
+
+        stepping: list[Request] = []
+        fills: list[Request] = []
+        budget = self.config.max_num_batched_tokens
         for req in self.running:
             if isinstance(req, LikelihoodRequest):  # a chunk of samples, and its greedy check's step
                 chunk = req.next_chunk()
@@ -120,17 +160,37 @@ class Scheduler:
             req.skip_empty_steps()
             if req.is_done:
                 continue
-            seed, random_seed = req.seeds()
-            p = req.params
-            out.seqs.append(ScheduledSeq(
-                req_id=req.req_id, canvas=req.canvas, prompt_len=req.prompt_len,
-                rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
-                top_k=p.top_k, top_p=p.top_p,
-                seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
-                threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
-                cache_action=req.cache_action(), pages=req.pages,
-            ))
+            if req.cache_action() == "fill":
+                fills.append(req)
+            else:
+                stepping.append(req)
+                budget -= req.step_tokens()
+        # Longest-deferred first (a stable sort keeps admission order among equals).
+        fills.sort(key=lambda r: self.num_steps if r.deferred_since is None else r.deferred_since)
+        for req in fills:
+            cost = req.step_tokens()
+            if cost <= budget:
+                budget -= cost
+                req.deferred_since = None
+                stepping.append(req)
+            elif req.deferred_since is None:
+                req.deferred_since = self.num_steps
+        for req in stepping:
+            out.seqs.append(self._scheduled(req))
         return out
+
+    @staticmethod
+    def _scheduled(req: Request) -> ScheduledSeq:
+        seed, random_seed = req.seeds()
+        p = req.params
+        return ScheduledSeq(
+            req_id=req.req_id, canvas=req.canvas, prompt_len=req.prompt_len,
+            rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
+            top_k=p.top_k, top_p=p.top_p,
+            seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
+            threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
+            cache_action=req.cache_action(), pages=req.pages,
+        )
 
     def update(self, result: RunnerOutput) -> list[RequestOutput]:
         """Applies a step's commits; finishes and frees the requests that are
