@@ -126,6 +126,7 @@ def main() -> None:
                 for c in levels:
                     rows.append({"decoding": decoding, "rule": rule, "round": rnd,
                                  **closed_loop(llm, prompts, params, c, args.requests)})
+                    print(json.dumps(rows[-1]), flush=True)  # progress, in case the run is cut short
     base = {(r["decoding"], r["rule"], r["round"]): r["output_tokens_per_s"] for r in rows
             if r["concurrency"] == levels[0]}
     print(f"{'decoding':>10} | {'rule':>6} | rnd | {'conc':>4} | {'out tok/s':>9} | {'vs conc ' + str(levels[0]):>9} | "
