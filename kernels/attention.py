@@ -238,6 +238,15 @@ def _launch_config(block_d: int, max_q: int, dtype: torch.dtype) -> dict[str, in
             "num_warps": 8 if block_m >= 128 or block_d > 128 else 4, "num_stages": 3}
 
 
+def _interpreter_config(max_q: int) -> dict[str, int]:
+    """Off CUDA (the interpreter runs programs one after another, each tile
+    op a numpy call): whole sequences of queries in one tile and long key
+    tiles, so fewer, larger numpy ops; cached keys then take the per-key
+    page lookup, a plain gather there."""
+    return {"block_m": min(128, max(16, triton.next_power_of_2(max_q))), "block_n": 128,
+            "num_warps": 4, "num_stages": 1}
+
+
 def varlen_attention(
     q: torch.Tensor,  # (num_q_tokens, num_heads, head_dim)
     k: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
@@ -299,10 +308,10 @@ def varlen_attention(
 
     is_cuda = q.device.type == "cuda"
     max_q = max((cu_q[i + 1] - cu_q[i] for i in range(num_seqs)), default=0)
-    config = _launch_config(block_d, max_q, q.dtype)
+    config = _launch_config(block_d, max_q, q.dtype) if is_cuda else _interpreter_config(max_q)
     block_m = block_m or config["block_m"]
     block_n = block_n or config["block_n"]
-    if has_cache and page_size % block_n and page_size >= 16 and page_size & (page_size - 1) == 0:
+    if is_cuda and has_cache and page_size % block_n and page_size >= 16 and page_size & (page_size - 1) == 0:
         block_n = page_size  # a key tile within one page (a power of two below block_n)
     meta, num_tiles = _metadata(cu_q, cu_k, cache_lens, block_m, q.device)
     out = torch.empty_like(q)
