@@ -60,7 +60,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("port", int, 8000, "port to listen on")
     flag("api-key", str, None, "require 'Authorization: Bearer KEY' on /v1/* and the tokenizer routes")
     flag("max-num-seqs", int, 16, "requests in one forward pass")
-    flag("max-num-batched-tokens", int, 8192, "canvas tokens in one forward pass")
+    flag("max-num-batched-tokens", int, 8192, "tokens one step puts through the model: whole canvases for exact "
+         "steps and cache fills, blocks at cache use steps")
     flag("max-queued-requests", int, 256, "waiting requests before answering 429")
     flag("max-model-len", int, None, "longest prompt + max_tokens (default: the model's max_sequence_length)")
     flag("default-max-tokens", int, None,

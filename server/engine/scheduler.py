@@ -50,6 +50,12 @@ class SchedulerConfig:
             raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+def use_tokens(req: Request | LikelihoodRequest) -> int:
+    """The most tokens a step of ``req`` that is not a cache fill computes
+    from now on (a likelihood request's steps only shrink: its next is it)."""
+    return req.num_tokens if isinstance(req, LikelihoodRequest) else req.max_use_tokens
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -100,12 +106,12 @@ class Scheduler:
                     return req
         return None
 
-    def _admits(self, req: Request, use_sum: int, max_extra: int) -> bool:
+    def _admits(self, req: Request | LikelihoodRequest, use_sum: int, max_extra: int) -> bool:
         """Whether ``req`` may join running requests whose use steps sum to
         ``use_sum`` tokens and whose largest fill exceeds its use step by
         ``max_extra``: the invariant ``schedule`` relies on."""
-        extra = max(max_extra, req.num_tokens - req.max_use_tokens)
-        return use_sum + req.max_use_tokens + extra <= self.config.max_num_batched_tokens
+        extra = max(max_extra, req.num_tokens - use_tokens(req))
+        return use_sum + use_tokens(req) + extra <= self.config.max_num_batched_tokens
 
     def schedule(self) -> SchedulerOutput:
         """Admits what fits, then picks the running requests that step now.
@@ -129,8 +135,8 @@ class Scheduler:
         """
         out = SchedulerOutput()
         self.num_steps += 1
-        use_sum = sum(r.max_use_tokens for r in self.running)
-        max_extra = max((r.num_tokens - r.max_use_tokens for r in self.running), default=0)
+        use_sum = sum(use_tokens(r) for r in self.running)
+        max_extra = max((r.num_tokens - use_tokens(r) for r in self.running), default=0)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             if not self._admits(req, use_sum, max_extra):
@@ -142,8 +148,8 @@ class Scheduler:
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            use_sum += req.max_use_tokens
-            max_extra = max(max_extra, req.num_tokens - req.max_use_tokens)
+            use_sum += use_tokens(req)
+            max_extra = max(max_extra, req.num_tokens - use_tokens(req))
             out.admitted.append(req.req_id)
 
         stepping: list[Request] = []
@@ -154,6 +160,7 @@ class Scheduler:
                 chunk = req.next_chunk()
                 if chunk is not None:
                     out.scores.append(chunk)
+                    budget -= len(chunk.sample_ids) * req.canvas_tokens  # runs every step, as use steps do
                 if req.greedy is None:
                     continue
                 req = req.greedy

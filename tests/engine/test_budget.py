@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from sampler.params import DiffusionParams
+from sampler.params import DiffusionParams, LikelihoodParams
+from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.llm import LLM
 from server.engine.messages import RunnerOutput, ScheduledSeq
 from server.engine.request import Request
@@ -47,13 +48,14 @@ def drive(sched: Scheduler, requests: list[Request], rng: random.Random) -> tupl
         if not sched.has_unfinished():
             break
         out = sched.schedule()
-        largest = max(largest, sum(step_cost(s) for s in out.seqs))
+        scored = sum(len(c.sample_ids) * len(c.seq_ids) * (2 if c.cfg_scale > 0 else 1) for c in out.scores)
+        largest = max(largest, scored + sum(step_cost(s) for s in out.seqs))
         most_running = max(most_running, len(sched.running))
-        stepped = {s.req_id for s in out.seqs}
+        stepped = {owner_of(s.req_id) for s in out.seqs} | {c.req_id for c in out.scores}
         for r in sched.running:
             idle[r.req_id] = 0 if r.req_id in stepped else idle.get(r.req_id, 0) + 1
             longest[r.req_id] = max(longest.get(r.req_id, 0), idle[r.req_id])
-        result = RunnerOutput()
+        result = RunnerOutput(scores={c.req_id: [1.0] * len(c.sample_ids) for c in out.scores})
         for s in out.seqs:
             n = rng.randint(1, s.quota) if s.remasking == "threshold" else s.quota  # threshold: adaptive
             take = s.rows[:n]
@@ -74,6 +76,13 @@ def test_no_step_exceeds_the_budget_and_nothing_starves(seed):
     for i in range(40):
         params = random_params(rng)
         prompt = [rng.randrange(300) for _ in range(rng.randrange(1, 12))]
+        if rng.random() < 0.15:  # a likelihood estimate: whole-sequence samples, a greedy check
+            req = LikelihoodRequest(f"r{i}", prompt, [rng.randrange(300) for _ in range(rng.randrange(1, 6))],
+                                    LikelihoodParams(mc_num=rng.choice([1, 4, 8]), cfg_scale=rng.choice([0.0, 0.5]),
+                                                     check_greedy=rng.random() < 0.5, seed=1), MASK, budget)
+            if req.min_step_tokens <= budget:
+                requests.append(req)
+            continue
         req = Request(f"r{i}", prompt, params, MASK, frozenset())
         if req.num_tokens <= budget:
             requests.append(req)
