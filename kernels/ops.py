@@ -60,9 +60,12 @@ def varlen_attention(
     v: torch.Tensor,  # (num_k_tokens, num_kv_heads, head_dim)
     cu_seqlens_q: list[int],  # (num_seqs + 1,) query starts
     cu_seqlens_k: list[int],  # (num_seqs + 1,) current key starts
-    **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale, causal_block, positions: see kernels.reference
+    **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale, causal_block, positions, softmax_dtype:
+    # see kernels.reference
 ) -> torch.Tensor:
-    if _use_triton(q) and not kwargs.get("causal_block"):  # the kernel is non-causal only
+    # The kernel is non-causal only, with its softmax in float32.
+    if _use_triton(q) and not kwargs.get("causal_block") and kwargs.get("softmax_dtype") in (None, torch.float32):
+        kwargs.pop("softmax_dtype", None)
         from kernels import attention
         return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
@@ -101,3 +104,14 @@ def select_commits(
             raise ValueError("writing the canvas needs positions and x0")
         reference.commit_to_canvas(canvas, positions, x0, commit)
     return commit
+
+
+def fused_moe(
+    x: torch.Tensor,  # (num_tokens, hidden)
+    w_gate_up: torch.Tensor,  # (num_experts, 2 * intermediate, hidden)
+    w_down: torch.Tensor,  # (num_experts, hidden, intermediate)
+    topk_ids: torch.Tensor,  # (num_tokens, top_k) int64
+    topk_weights: torch.Tensor,  # (num_tokens, top_k)
+) -> torch.Tensor:
+    """The routed experts' weighted sum (``kernels.reference.fused_moe``)."""
+    return reference.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)

@@ -13,6 +13,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
@@ -127,8 +128,10 @@ def varlen_attention(
     block_table: torch.Tensor | None = None,  # (num_seqs, max_pages) int32 page ids
     cache_seqlens: list[int] | None = None,  # seq -> number of cached keys
     scale: float | None = None,
-    causal_block: int = 0,  # > 0: block-causal attention over blocks of this many positions
+    causal_block: int | torch.Tensor = 0,  # > 0: block-causal attention over blocks of this many positions;
+    # a (num_q_tokens,) int64 tensor: each query token's own sequence's block length
     positions: torch.Tensor | None = None,  # (num_q_tokens,) canvas positions (block-causal only)
+    softmax_dtype: torch.dtype | None = None,  # the softmax's dtype when not the scores' (an eager reference's)
 ) -> torch.Tensor:
     """Non-causal attention over a ragged batch: the queries of sequence i
     attend to its cached keys (if any) and to its current keys, all of them
@@ -172,12 +175,15 @@ def varlen_attention(
                 values.index_copy_(0, g.cur_dst, v_cur)
             keys, values = keys.unflatten(0, (g.batch, -1)), values.unflatten(0, (g.batch, -1))
         mask = g.key_mask
-        if causal_block:
+        if isinstance(causal_block, torch.Tensor) or causal_block:
             q_pos = positions.index_select(0, g.q_src).view(g.batch, -1)
             k_pos = torch.where(g.is_cached, g.key_slot, positions.index_select(0, g.k_src).view(g.batch, -1))
-            mask = (k_pos[:, None, :] // causal_block) <= (q_pos[:, :, None] // causal_block)
+            cb = causal_block
+            if isinstance(cb, torch.Tensor):  # each sequence its own block length: (batch, 1, 1)
+                cb = cb.index_select(0, g.q_src).view(g.batch, -1)[:, :1, None]
+            mask = (k_pos[:, None, :] // cb) <= (q_pos[:, :, None] // cb)
             mask = mask if g.key_mask is None else mask & g.key_mask
-        o = _softmax_attention(queries, keys, values, mask, scale)  # (batch, max_q, heads, dim)
+        o = _softmax_attention(queries, keys, values, mask, scale, softmax_dtype)  # (batch, max_q, heads, dim)
         if g.batch == 1:
             out[g.q0:g.q1] = o[0]
         else:
@@ -276,7 +282,7 @@ def attention_groups(q_lens: list[int], k_lens: list[int], max_waste: float = 2.
 
 
 def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float | None) -> torch.Tensor:
+                       scale: float | None, softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q: (batch, num_q, heads, dim); k, v: (batch, num_k, kv_heads, dim);
     mask: None or bool broadcastable to (batch, num_q, num_k), true = attend.
     Returns (batch, num_q, heads, dim).
@@ -297,7 +303,7 @@ def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
     if mask is not None:
         scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    o = torch.matmul(torch.softmax(scores, dim=-1), vh)
+    o = torch.matmul(torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(scores.dtype), vh)
     return o.transpose(1, 2).to(out_dtype)
 
 
@@ -344,3 +350,36 @@ def commit_to_canvas(
     flat = canvas.view(-1)
     flat.index_put_((positions,), torch.where(commit, x0.to(canvas.dtype), flat[positions]))
     return canvas
+
+
+def fused_moe(
+    x: torch.Tensor,  # (num_tokens, hidden)
+    w_gate_up: torch.Tensor,  # (num_experts, 2 * intermediate, hidden): gate rows, then up rows
+    w_down: torch.Tensor,  # (num_experts, hidden, intermediate)
+    topk_ids: torch.Tensor,  # (num_tokens, top_k) int64 experts chosen per token
+    topk_weights: torch.Tensor,  # (num_tokens, top_k) their weights
+) -> torch.Tensor:
+    """Mixture of SwiGLU experts: out[t] = sum_k w[t, k] * down_e(silu(gate_e
+    x[t]) * up_e x[t]) with e = topk_ids[t, k]. (num_tokens, hidden) in x's
+    dtype. The experts compute in x's dtype; the weighted combine runs in
+    ``topk_weights``' dtype (LLaDA2's reference combines in float32 whatever
+    the model dtype, LLaDA-MoE's in the model dtype), summed over k in order.
+
+    Tokens are grouped by expert (a stable sort of the (token, k) pairs), one
+    GEMM pair per expert that got any; an expert with no tokens costs nothing."""
+    num_tokens, top_k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # (num_tokens * top_k,) pairs grouped by expert
+    counts = torch.bincount(flat, minlength=w_gate_up.shape[0]).tolist()
+    inter = w_down.shape[2]
+    y = x.new_empty(num_tokens * top_k, x.shape[1])  # (pair, hidden) expert outputs
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        gate_up = x.index_select(0, pairs // top_k) @ w_gate_up[e].t()  # (n, 2 * intermediate)
+        y[pairs] = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ w_down[e].t()
+    w = topk_weights
+    return (y.view(num_tokens, top_k, -1).to(w.dtype) * w[..., None]).sum(dim=1).to(x.dtype)

@@ -3,6 +3,7 @@ and tiny random LLaDA checkpoints made on the fly."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -13,17 +14,30 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / "shared" / "golden" / "llada-tiny"
 
 
-def golden_cases() -> list[dict]:
-    return json.loads((GOLDEN / "generate_cases.json").read_text())["cases"]
+def golden_path(name: str) -> Path:
+    """A golden set's directory: $LLADA_GOLDEN_<NAME> when set (name
+    upper-cased, '-' as '_': LLADA_GOLDEN_LLADA, LLADA_GOLDEN_LLADA_MOE,
+    LLADA_GOLDEN_LLADA2, LLADA_GOLDEN_DREAM), else ../shared/golden/<name>-tiny
+    beside the repository. Any set made by the same generator runs through
+    the golden tests unchanged."""
+    env = os.environ.get("LLADA_GOLDEN_" + name.upper().replace("-", "_"))
+    return Path(env) if env else REPO.parent / "shared" / "golden" / f"{name}-tiny"
 
 
-def golden_rows() -> list[tuple[str, list[int], dict, list[int]]]:
-    """Every golden row as (name, unpadded prompt, params, expected generated part)."""
+GOLDEN = golden_path("llada")
+
+
+def golden_cases(name: str = "llada") -> list[dict]:
+    return json.loads((golden_path(name) / "generate_cases.json").read_text())["cases"]
+
+
+def golden_rows(name: str = "llada") -> list[tuple[str, list[int], dict, list[int]]]:
+    """Every golden row of a set whose cases are LLaDA generate() calls, as
+    (name, unpadded prompt, params, expected generated part)."""
     rows = []
-    for case in golden_cases():
+    for case in golden_cases(name):
         for i, prompt in enumerate(case["prompt"]):
             mask = case["attention_mask"]
             start = 0 if mask is None else mask[i].index(1)

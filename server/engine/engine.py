@@ -67,9 +67,10 @@ class LLMEngine:
     def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
         """A validated request, ready for ``add_request`` (raises ValueError)."""
         self.check_prompt(prompt_ids, params)
-        if params.decoding == "dual_cache" and self.model.config.block_causal_size:
-            raise ValueError("decoding: dual_cache is not available for block-causal models "
-                             "(their prefix_cache is exact: use that)")
+        modes = self.model.decoding_modes
+        if params.decoding not in modes:
+            raise ValueError(f"decoding: {params.decoding!r} is not available for this model "
+                             f"({type(self.model).__name__}); it supports {', '.join(modes)}")
         # ignore_eos: no id ends the answer, so EOS/EoT are committed and returned like any token.
         req = Request(req_id, list(prompt_ids), params, self.mask_id, frozenset() if params.ignore_eos else self.stop_ids)
         self.scheduler.check_fits(req)

@@ -4,30 +4,20 @@ Matches GSAI-ML's reference modeling code numerically: RMSNorm normalises in
 float32 and casts back before the weight multiply; RoPE (NeoX rotate-half)
 rotates q and k in float32 with float32 tables, for every model dtype; the
 MLP is ``ff_out(silu(ff_proj(x)) * up_proj(x))``; no causal mask, no logit
-scaling, position i predicts token i.
-
-Two entry points share the layers:
-- ``forward``: a ragged (packed) batch, one row per token, sequences given by
-  ``cu_seqlens``; the LM head runs only on ``logits_indices``, and with
-  ``logits_cu_seqlens`` so does the last layer (every token still gives it
-  its key and value). The engine's path.
-- ``forward_dense``: a (batch, length) tensor with an optional padding
-  ``attention_mask``, positions numbered from 0 in every row, padded keys
-  masked: exactly the reference's call signature, used by the reference
-  sampler and the parity tests.
+scaling, position i predicts token i. The forward passes (ragged and
+dense) are ``server.models.base.RaggedLM``'s.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import ops
-from server.models.kv_cache import CacheView
+from server.models.base import RaggedLM
+from server.models.layers import AttendFn, RMSNorm, Rotary
 
 
 @dataclass
@@ -64,7 +54,8 @@ class LLaDAConfig:
     }
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> "LLaDAConfig":
+    def from_dict(cls, raw: dict[str, Any], source: str = "config.json",
+                  generation: dict[str, Any] | None = None) -> "LLaDAConfig":
         missing = [k for k in ("d_model", "n_heads", "n_layers", "mlp_hidden_size", "vocab_size") if k not in raw]
         if missing:
             raise ValueError(f"{source}: missing field(s) {', '.join(missing)} for LLaDAModelLM")
@@ -94,51 +85,6 @@ class LLaDAConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 whatever the model dtype (float64 too), as the reference does.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
-
-
-class Rotary:
-    """float32 RoPE tables, grown on demand, computed exactly as the
-    reference computes them (outer product of arange and inv_freq, then
-    sin/cos over the whole table) so every entry carries the same rounding."""
-
-    def __init__(self, head_dim: int, theta: float):
-        self.head_dim = head_dim
-        self.theta = theta
-        self.sin = self.cos = None
-
-    def tables(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.sin is None or self.sin.shape[0] < length or self.sin.device != device:
-            n = max(length, 256 if self.sin is None else 2 * self.sin.shape[0])
-            dim = self.head_dim
-            inv_freq = 1.0 / (self.theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float) / dim))
-            seq = torch.arange(n, device=device, dtype=torch.float)
-            freqs = torch.einsum("i , j -> i j", seq, inv_freq)
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self.sin, self.cos = emb.sin(), emb.cos()  # (n, head_dim)
-        return self.sin, self.cos
-
-    @staticmethod
-    def rotate(x: torch.Tensor, sin: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
-        # x: (num_tokens, heads, head_dim); sin/cos: (num_tokens, 1, head_dim), float32
-        xf = x.float()
-        x1, x2 = xf.chunk(2, dim=-1)
-        return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
-
-
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (q, k, v) -> out
 
 
 class LLaDABlock(nn.Module):
@@ -171,7 +117,7 @@ class LLaDABlock(nn.Module):
         return x + self.ff_out(F.silu(gate) * up)
 
 
-class LLaDAModel(nn.Module):
+class LLaDAModel(RaggedLM):
     def __init__(self, cfg: LLaDAConfig):
         super().__init__()
         self.config = cfg
@@ -180,98 +126,19 @@ class LLaDAModel(nn.Module):
         self.ln_f = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.ff_out = None if cfg.weight_tying else nn.Linear(cfg.d_model, cfg.embedding_size, bias=False)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        if cfg.block_causal_size:
+            self.decoding_modes = ("exact", "prefix_cache")
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.wte(input_ids)
 
     @property
-    def device(self) -> torch.device:
-        return self.wte.weight.device
+    def layers(self) -> nn.ModuleList:
+        return self.blocks
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.wte.weight.dtype
-
-    def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-             logits_indices: torch.Tensor | None, rows_attend: AttendFn | None = None) -> torch.Tensor:
-        """With ``rows_attend`` (attention whose queries are the
-        ``logits_indices`` rows only, which must then be given), the last
-        layer runs its queries, output projection and MLP on those rows
-        alone: nothing after it reads the other tokens' states."""
-        sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
-        sin, cos = sin.index_select(0, positions)[:, None, :], cos.index_select(0, positions)[:, None, :]
-        x = self.wte(input_ids)
-        last = len(self.blocks) - 1
-        for i, block in enumerate(self.blocks):
-            if i == last and rows_attend is not None:
-                x = block(x, sin, cos, functools.partial(rows_attend, i), rows=logits_indices)
-                logits_indices = None
-            else:
-                x = block(x, sin, cos, functools.partial(attend, i))
-        if logits_indices is not None:
-            x = x.index_select(0, logits_indices)  # the LM head only where the sampler needs logits
-        x = self.ln_f(x)
+    def head(self, x: torch.Tensor) -> torch.Tensor:
         head = self.wte.weight if self.ff_out is None else self.ff_out.weight
-        return F.linear(x, head)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
-                logits_indices: torch.Tensor | None = None, cache: CacheView | None = None,
-                logits_cu_seqlens: list[int] | None = None) -> torch.Tensor:
-        """input_ids, positions: (num_tokens,) packed sequences, sequence i
-        spanning [cu_seqlens[i], cu_seqlens[i+1]). With ``cache``, tokens
-        with a write slot store their keys/values, and sequence i's queries
-        also attend to its first ``cache.cache_seqlens[i]`` cached keys.
-        ``logits_cu_seqlens`` (optional) says that ``logits_indices`` is
-        ascending with sequence i's rows at [logits_cu_seqlens[i],
-        logits_cu_seqlens[i+1]); the last layer then computes those rows only.
-        Returns logits (len(logits_indices) or num_tokens, embedding_size)."""
-        causal = {}
-        if self.config.block_causal_size:
-            causal = {"causal_block": self.config.block_causal_size, "positions": positions}
-        if cache is None:
-            def attend(layer, q, k, v, cu_q=cu_seqlens):
-                return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, **causal)
-        else:
-            def attend(layer, q, k, v, cu_q=cu_seqlens):
-                cache.write(layer, k, v)
-                return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, k_cache=cache.cache.k[layer],
-                                            v_cache=cache.cache.v[layer], block_table=cache.block_table,
-                                            cache_seqlens=cache.cache_seqlens, **causal)
-
-        rows_attend = None
-        if logits_cu_seqlens is not None:
-            if logits_indices is None or len(logits_cu_seqlens) != len(cu_seqlens) \
-                    or logits_cu_seqlens[-1] != logits_indices.numel():
-                raise ValueError("logits_cu_seqlens must give each sequence's share of logits_indices")
-            if not causal:  # block-causal attention takes the queries' positions from the keys': every row
-                rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
-        return self._run(input_ids, positions, attend, logits_indices, rows_attend)
-
-    def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      logits_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The reference's interface: (batch, length) -> (batch, length, vocab).
-        Padded keys (attention_mask == 0) are masked for every query. With a
-        boolean ``logits_mask`` (batch, length), the LM head runs only on its
-        true positions and the result is (num_true, vocab) in row-major order
-        (training computes the loss on masked tokens only)."""
-        batch, length = input_ids.shape
-        bias = None
-        if attention_mask is not None and not bool(attention_mask.all()):
-            bias = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, length) keys kept
-        if self.config.block_causal_size:
-            blocks = torch.arange(length, device=input_ids.device) // self.config.block_causal_size
-            causal = blocks[None, :] <= blocks[:, None]  # (length, length) query -> keys seen
-            bias = causal[None, None] if bias is None else bias & causal[None, None]
-        positions = torch.arange(length, device=input_ids.device).repeat(batch)
-
-        def attend(layer, q, k, v):
-            q, k, v = (t.view(batch, length, t.shape[1], t.shape[2]).transpose(1, 2) for t in (q, k, v))
-            if k.shape[1] != q.shape[1]:
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-            return o.transpose(1, 2).reshape(batch * length, q.shape[1], q.shape[3])
-
-        rows = None if logits_mask is None else logits_mask.reshape(-1).nonzero().squeeze(1)
-        logits = self._run(input_ids.reshape(-1), positions, attend, rows)
-        return logits if rows is not None else logits.view(batch, length, -1)
+        return F.linear(self.ln_f(x), head)
 
     # -- weights -------------------------------------------------------------
     def checkpoint_params(self) -> dict[str, tuple[torch.Tensor, int, int]]:

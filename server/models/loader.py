@@ -321,7 +321,9 @@ def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.n
     """Builds the model for the checkpoint at ``path`` and loads its weights."""
     raw = read_json(path / "config.json")
     try:
-        model_cls, cfg = registry.resolve(raw, str(path / "config.json"))
+        gen_file = path / "generation_config.json"
+        generation = read_json(gen_file) if gen_file.is_file() else None
+        model_cls, cfg = registry.resolve(raw, str(path / "config.json"), generation)
     except CheckpointError:
         raise
     except (ValueError, TypeError) as e:

@@ -152,7 +152,7 @@ def test_dual_cache_refused_for_block_causal(tmp_path):
 
     llm = LLM(str(make_random_checkpoint(tmp_path / "bc", block_causal_size=8)), device="cpu")
     import pytest
-    with pytest.raises(ValueError, match="decoding: dual_cache is not available for block-causal models"):
+    with pytest.raises(ValueError, match="decoding: .dual_cache. is not available for this model"):
         llm.generate([[1, 2, 3]], DiffusionParams(gen_length=8, block_length=8, decoding="dual_cache"))
 
 

@@ -1,7 +1,10 @@
-"""The batched engine against the reference: the golden cases token for token,
-alone and as one ragged batch, and at temperature > 0 against
-sampler/reference.py (same counter-based noise)."""
+"""The batched engine against the reference: the golden cases of every set
+decoded with LLaDA's generate() (LLaDA, LLaDA-MoE) token for token, alone and
+as one ragged batch, and at temperature > 0 against sampler/reference.py
+(same counter-based noise)."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -9,9 +12,10 @@ import torch
 from sampler.params import DiffusionParams
 from sampler.reference import generate
 from server.engine.llm import LLM
-from tests.conftest import golden_rows
+from tests.conftest import golden_path, golden_rows
 
 GOLDEN_EOS = 300
+LLADA_SAMPLER_SETS = ["llada", "llada-moe"]
 
 
 def params_of(p: dict, **kw) -> DiffusionParams:
@@ -19,8 +23,12 @@ def params_of(p: dict, **kw) -> DiffusionParams:
                            temperature=p["temperature"], cfg_scale=p["cfg_scale"], remasking=p["remasking"], **kw)
 
 
-def cut(ids: list[int]) -> list[int]:
-    return ids[: ids.index(GOLDEN_EOS)] if GOLDEN_EOS in ids else ids
+def eos_of(name: str) -> int:
+    return json.loads((golden_path(name) / "generation_config.json").read_text())["eos_token_id"]
+
+
+def cut(ids: list[int], eos: int = GOLDEN_EOS) -> list[int]:
+    return ids[: ids.index(eos)] if eos in ids else ids
 
 
 @pytest.fixture(scope="module", params=["float64", "float32"])
@@ -28,18 +36,36 @@ def llm(request, golden_dir):
     return LLM(str(golden_dir), dtype=request.param, device="cpu")
 
 
-@pytest.mark.parametrize("row", golden_rows(), ids=lambda r: r[0])
-def test_engine_matches_golden_alone(llm, row):
+_LLMS: dict[tuple[str, str], LLM] = {}
+
+
+def golden_llm(name: str, dtype: str) -> LLM:
+    if (name, dtype) not in _LLMS:
+        _LLMS[(name, dtype)] = LLM(str(golden_path(name)), dtype=dtype, device="cpu")
+    return _LLMS[(name, dtype)]
+
+
+GOLDEN_ROWS = [(name, row) for name in LLADA_SAMPLER_SETS for row in golden_rows(name)]
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name,row", GOLDEN_ROWS, ids=lambda x: x[0] if isinstance(x, tuple) else x)
+def test_engine_matches_golden_alone(name, row, dtype):
     _, prompt, p, expected = row
-    out = llm.generate([prompt], params_of(p))[0]
-    assert out.token_ids == cut(expected)
-    assert out.text is None and out.finish_reason == ("stop" if GOLDEN_EOS in expected else "length")
+    eos = eos_of(name)
+    out = golden_llm(name, dtype).generate([prompt], params_of(p))[0]
+    assert out.token_ids == cut(expected, eos)
+    assert out.text is None and out.finish_reason == ("stop" if eos in expected else "length")
 
 
-def test_engine_matches_golden_in_one_ragged_batch(llm):
-    rows = golden_rows()
-    outs = llm.generate([r[1] for r in rows], [params_of(r[2]) for r in rows])
-    assert [o.token_ids for o in outs] == [cut(r[3]) for r in rows]
+@pytest.mark.golden
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", LLADA_SAMPLER_SETS)
+def test_engine_matches_golden_in_one_ragged_batch(name, dtype):
+    rows = golden_rows(name)
+    outs = golden_llm(name, dtype).generate([r[1] for r in rows], [params_of(r[2]) for r in rows])
+    assert [o.token_ids for o in outs] == [cut(r[3], eos_of(name)) for r in rows]
 
 
 def _reference(llm, prompt, params):

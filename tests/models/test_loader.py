@@ -81,7 +81,7 @@ def _edit_tensors(fn):
 BAD = {
     "missing config": (lambda c: (c / "config.json").unlink(), "config.json: missing"),
     "bad json": (lambda c: (c / "config.json").write_text("{nope"), "config.json: not valid JSON"),
-    "unknown architecture": (_edit_config(architectures=["DreamModel"]), "unknown architecture DreamModel"),
+    "unknown architecture": (_edit_config(architectures=["GPT2LMHeadModel"]), "unknown architecture GPT2LMHeadModel"),
     "no architectures": (_edit_config(architectures=None), "no 'architectures' field"),
     "missing field": (_edit_config(n_layers=None), "missing field(s) n_layers"),
     "unsupported feature": (_edit_config(alibi=True), "alibi=True is not supported"),

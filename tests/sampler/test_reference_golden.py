@@ -8,6 +8,8 @@ from sampler.reference import generate
 from server.models.loader import load_model
 from tests.conftest import golden_cases
 
+pytestmark = pytest.mark.golden
+
 
 @pytest.fixture(scope="module", params=["float64", "float32"])
 def model(request, golden_dir):
