@@ -15,7 +15,39 @@ import torch
 
 from kernels import ops
 from kernels.reference import philox_uniform
+from sampler.distribution import gumbel_rank, sampling_scores
 from sampler.remasking import REMASKING
+
+
+@dataclass
+class FamilyRows:
+    """The other families' per-step settings (LLaDA2, Dream), present only
+    when some sequence in the step has a schedule other than LLaDA's."""
+
+    dist: torch.Tensor  # (num_rows,) bool: confidence under the sampling distribution (sampler.distribution)
+    top_p_first: torch.Tensor  # (num_rows,) bool: Dream's filter order (and filters at T = 0)
+    alg_temp: torch.Tensor  # (num_rows,) float64 Dream's alg_temp; 0 = deterministic top-k
+    tq_threshold: torch.Tensor  # (num_seqs,) float64 threshold of the threshold_quota rule; 0 = not that rule
+    transfer_prob: torch.Tensor  # (num_seqs,) float32 bernoulli rule's probability; -1 = not that rule
+    any_alg_temp: bool
+
+    @classmethod
+    def build(cls, counts: list[int], schedules: list[str], remasking: list[str], thresholds: list[float],
+              alg_temps: list[float], transfer_probs: list[float], device: torch.device) -> "FamilyRows":
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)], dtype=dtype, device=device)
+
+        rules = [REMASKING[r].rule for r in remasking]
+        return cls(
+            dist=per_row([s != "llada" for s in schedules], torch.bool),
+            top_p_first=per_row([s == "dream" for s in schedules], torch.bool),
+            alg_temp=per_row(alg_temps, torch.float64),
+            tq_threshold=torch.tensor([t if r == "threshold_quota" else 0.0 for t, r in zip(thresholds, rules)],
+                                      dtype=torch.float64, device=device),
+            transfer_prob=torch.tensor([p if r == "bernoulli" else -1.0 for p, r in zip(transfer_probs, rules)],
+                                       dtype=torch.float32, device=device),
+            any_alg_temp=any(a > 0 for a in alg_temps),
+        )
 
 
 @dataclass
@@ -33,6 +65,7 @@ class StepRows:
     remasking: list[str]  # sequence -> strategy name
     any_filter: bool  # some row samples with top-k / top-p (known on the host: no sync)
     any_factor: bool  # some sequence uses the factor rule
+    family: FamilyRows | None = None  # LLaDA2's / Dream's settings; None = every sequence is LLaDA's
 
     @classmethod
     def build(
@@ -48,8 +81,16 @@ class StepRows:
         top_ps: list[float] | None = None,  # seq -> top_p
         thresholds: list[float] | None = None,  # seq -> tau of the threshold rule
         factors: list[float] | None = None,  # seq -> f of the factor rule
+        schedules: list[str] | None = None,  # seq -> schedule (sampler.params.SCHEDULES)
+        alg_temps: list[float] | None = None,  # seq -> Dream's alg_temp
+        transfer_probs: list[float] | None = None,  # seq -> the bernoulli rule's probability this step
     ) -> "StepRows":
         counts = [len(r) for r in row_offsets]
+        family = None
+        if schedules is not None and any(s != "llada" for s in schedules):
+            family = FamilyRows.build(counts, schedules, remasking, thresholds or [0.0] * len(counts),
+                                      alg_temps or [0.0] * len(counts), transfer_probs or [1.0] * len(counts),
+                                      device)
 
         def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)], dtype=dtype, device=device)
@@ -74,6 +115,7 @@ class StepRows:
                            for t, k, p in zip(temperatures, top_ks or [0] * len(counts),
                                               top_ps or [1.0] * len(counts))),
             any_factor=any(REMASKING[r].rule == "factor" for r in remasking),
+            family=family,
         )
 
 
@@ -137,7 +179,18 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
         scores["prob"][idx] = log_probs.gather(1, scores["x0"][idx, None]).squeeze(1).exp()
     else:
         scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs)
-    if any(REMASKING[n].needs_uniform for n in names):
+    fam = rows.family
+    prob_exact = scores["prob"]  # what threshold rules compare (the sampling distribution's, unrounded, if so)
+    if fam is not None and bool(fam.dist.any()):
+        idx = fam.dist.nonzero().squeeze(1)
+        dist = sampling_scores(logits[idx], rows.temperature[idx], rows.top_k[idx], rows.top_p[idx], rows.seed[idx],
+                               rows.row_offset[idx], fam.top_p_first[idx])
+        prob_exact = prob_exact.to(dist["prob"].dtype)
+        prob_exact[idx] = dist["prob"]
+        for key in ("x0", "prob", "margin", "entropy"):
+            if key in scores:
+                scores[key][idx] = dist[key].to(scores[key].dtype)
+    if any(REMASKING[n].needs_uniform for n in names) or (fam is not None and fam.any_alg_temp):
         scores["uniform"] = philox_uniform(rows.random_seed, rows.row_offset)
     if len(names) == 1:
         confidence = REMASKING[names[0]].confidence(scores)
@@ -146,9 +199,32 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
         confidence = torch.empty_like(scores["prob"])
         for k, n in enumerate(names):
             confidence = torch.where(kind == k, REMASKING[n].confidence(scores).to(confidence.dtype), confidence)
+    if fam is not None and fam.any_alg_temp:
+        confidence = gumbel_rank(confidence, scores["uniform"], fam.alg_temp)
     confidence = confidence.float()
     quota = rows.quota
     if rows.any_factor:
         quota = torch.where(rows.factor > 0, factor_quota(confidence, rows.row_seq, rows.factor), quota)
+    if fam is not None:  # LLaDA2: all above the threshold when at least the quota are, else the quota
+        tau = fam.tq_threshold[rows.row_seq]
+        high = ((prob_exact.double() > tau) & (tau > 0)).long()
+        num_high = torch.zeros_like(quota).index_add_(0, rows.row_seq, high)
+        quota = torch.where(fam.tq_threshold > 0, torch.maximum(quota, num_high), quota)
     commit = ops.select_commits(confidence, rows.row_seq, quota, rows.threshold)
+    if fam is not None:  # Dream's origin: a coin per row
+        p = fam.transfer_prob[rows.row_seq]
+        commit = torch.where(p >= 0, scores.get("uniform", p) < p, commit)
     return scores["x0"], commit, scores["prob"].float()
+
+
+def edit_step(logits: torch.Tensor, rows: StepRows, current: torch.Tensor,
+              editing_threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLaDA2.1's token editing over already decoded rows: a row is
+    re-written with its x0 when x0 differs from its ``current`` token and
+    its probability under the sampling distribution exceeds the row's
+    ``editing_threshold``. logits: (num_rows, vocab); current (num_rows,)
+    int64; editing_threshold (num_rows,) float64. Returns (x0, edit, prob)."""
+    s = sampling_scores(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, rows.row_offset,
+                        torch.zeros_like(rows.row_seq, dtype=torch.bool))
+    edit = (s["prob"].double() > editing_threshold) & (s["x0"] != current)
+    return s["x0"], edit, s["prob"].float()

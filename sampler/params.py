@@ -12,6 +12,18 @@ from sampler.remasking import REMASKING
 # the prefix (and suffix) keys/values, then only block + suffix (only the block).
 DECODING = ("exact", "prefix_cache", "dual_cache")
 
+# Whose generate() lays out the steps (each model's default comes from its
+# family and generation config):
+# llada: blocks from the prompt's end, ``steps`` over the whole answer, each
+#   step commits the block's masks split evenly over its steps;
+# llada2: blocks on a grid from canvas position 0 (LLaDA2's block-causal
+#   attention uses the same grid), ``steps`` per block, each step's quota the
+#   block length split over them; a block ends when it has no mask left;
+#   ``editing_threshold`` turns on LLaDA2.1's token editing;
+# dream: one block over the whole answer, ``steps`` timesteps
+#   linspace(1, eps), each step commits int(n * (1 - s/t)) of the n masked.
+SCHEDULES = ("llada", "llada2", "dream")
+
 
 @dataclass
 class DiffusionParams:
@@ -28,6 +40,12 @@ class DiffusionParams:
     decoding: str = "exact"  # exact | prefix_cache | dual_cache (DECODING)
     seed: int | None = None  # seeds the request's noise; None = drawn at creation
     ignore_eos: bool = False  # EOS/EoT are ordinary tokens: no early stop, the answer is the whole canvas
+    schedule: str = "llada"  # llada | llada2 | dream (SCHEDULES)
+    editing_threshold: float | None = None  # llada2: re-write decoded tokens above this confidence (LLaDA2.1)
+    max_post_steps: int = 16  # llada2 editing: editing steps after a block has no mask left
+    num_to_transfer: int = 1  # llada2 editing: tokens each step commits at least (it replaces the quota)
+    alg_temp: float = 0.0  # dream: > 0 draws which positions commit, softmax(confidence / alg_temp)
+    eps: float = 1e-3  # dream: the last timestep
 
     def __post_init__(self) -> None:
         self.validate()
@@ -50,7 +68,9 @@ class DiffusionParams:
         check(isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1, "steps",
               f"must be a positive integer, got {steps!r}")
         num_blocks = -(-self.gen_length // self.block_length)
-        check(steps >= num_blocks, "steps",
+        check(self.schedule in SCHEDULES, "schedule",
+              f"unknown schedule {self.schedule!r}; one of {', '.join(SCHEDULES)}")
+        check(self.schedule != "llada" or steps >= num_blocks, "steps",
               f"{steps} steps cannot cover {num_blocks} blocks (gen_length {self.gen_length} / "
               f"block_length {self.block_length}); use at least one step per block")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, "temperature",
@@ -71,6 +91,31 @@ class DiffusionParams:
               f"unknown mode {self.decoding!r}; one of {', '.join(DECODING)}")
         check(self.decoding == "exact" or not self.cfg_scale, "cfg_scale",
               f"classifier-free guidance needs decoding 'exact', not {self.decoding!r}")
+        rule = REMASKING[self.remasking].rule
+        check(rule != "bernoulli" or self.schedule == "dream", "remasking",
+              f"{self.remasking!r} needs the dream schedule (its transfer probability), not {self.schedule!r}")
+        check(self.schedule != "dream" or rule in ("quota", "bernoulli"), "remasking",
+              f"{self.remasking!r} does not fit the dream schedule (it fixes how many commit per step)")
+        check(rule != "threshold_quota" or self.schedule == "llada2", "remasking",
+              f"{self.remasking!r} needs the llada2 schedule, not {self.schedule!r}")
+        check(self.schedule == "llada" or not self.cfg_scale, "cfg_scale",
+              f"classifier-free guidance needs the llada schedule, not {self.schedule!r}")
+        if self.editing_threshold is not None:
+            check(isinstance(self.editing_threshold, (int, float)) and not isinstance(self.editing_threshold, bool)
+                  and 0 < self.editing_threshold <= 1, "editing_threshold",
+                  f"must be a number in (0, 1] or null, got {self.editing_threshold!r}")
+            check(self.schedule == "llada2", "editing_threshold",
+                  f"token editing needs the llada2 schedule, not {self.schedule!r}")
+        check(isinstance(self.max_post_steps, int) and not isinstance(self.max_post_steps, bool)
+              and 0 <= self.max_post_steps <= 4096, "max_post_steps",
+              f"must be an integer in [0, 4096], got {self.max_post_steps!r}")
+        check(isinstance(self.num_to_transfer, int) and not isinstance(self.num_to_transfer, bool)
+              and self.num_to_transfer >= 1, "num_to_transfer",
+              f"must be a positive integer, got {self.num_to_transfer!r}")
+        check(isinstance(self.alg_temp, (int, float)) and not isinstance(self.alg_temp, bool)
+              and 0 <= self.alg_temp <= 100, "alg_temp", f"must be a number in [0, 100], got {self.alg_temp!r}")
+        check(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and 0 < self.eps < 1, "eps",
+              f"must be a number in (0, 1), got {self.eps!r}")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",

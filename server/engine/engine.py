@@ -44,9 +44,11 @@ class LLMEngine:
         self.max_model_len: int = model_config.max_model_len or cfg.max_sequence_length
         self.tokenizer = Tokenizer.load(self.path)
         self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
+        # The checkpoint's own decoding (its family's, then its generation config): DiffusionParams fields.
+        self.decoding_defaults = generation_defaults(self.path)
         sc = size_kv_cache(self.model, scheduler_config or SchedulerConfig(), model_config.gpu_memory_utilization,
                            memory if memory is not None else device_memory(self.model.device),
-                           generation_defaults(self.path).get("gen_length", 128))
+                           self.decoding_defaults.get("gen_length", 128))
         self.scheduler = Scheduler(sc)
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
         self.last_step = StepStats(0, 0, [])
@@ -67,6 +69,9 @@ class LLMEngine:
     def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
         """A validated request, ready for ``add_request`` (raises ValueError)."""
         self.check_prompt(prompt_ids, params)
+        if params.schedule == "llada2" and not getattr(self.model.config, "block_causal_size", 0):
+            raise ValueError(f"schedule: 'llada2' needs a block-causal model (LLaDA2.x); {type(self.model).__name__} "
+                             "attends bidirectionally")
         modes = self.model.decoding_modes
         if params.decoding not in modes:
             raise ValueError(f"decoding: {params.decoding!r} is not available for this model "

@@ -44,6 +44,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def default_params(self, **overrides: Any) -> DiffusionParams:
+        """The checkpoint's own decoding (its family's schedule and options,
+        then its generation config), with ``overrides`` on top: what
+        ``generate`` and ``chat`` use when given no params."""
+        return DiffusionParams(**(self.engine.decoding_defaults | overrides))
+
     def _encode(self, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -60,7 +66,7 @@ class LLM:
         of its steps (its ``canvas``, ``block_range``, ...)."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = params or DiffusionParams()
+        params = params or self.default_params()
         param_list = [params] * len(prompts) if isinstance(params, DiffusionParams) else list(params)
         if len(param_list) != len(prompts):
             raise ValueError(f"{len(param_list)} params for {len(prompts)} prompts")
@@ -73,7 +79,7 @@ class LLM:
             raise ValueError("this checkpoint has no tokenizer files, so it has no chat template")
         convs = [messages] if messages and isinstance(messages[0], dict) else messages
         ids = [self.tokenizer.encode_chat(c) for c in convs]
-        return self._run(ids, [params or DiffusionParams()] * len(ids), on_step)
+        return self._run(ids, [params or self.default_params()] * len(ids), on_step)
 
     def loglikelihood(self, pairs: Sequence[tuple[list[int], list[int]]],
                       params: LikelihoodParams | None = None) -> list[LikelihoodResult]:

@@ -26,6 +26,13 @@ class ScheduledSeq:
     decoding: str  # exact | prefix_cache | dual_cache
     cache_action: str | None  # None, "fill" (store keys/values) or "use" (read them)
     pages: list[int]  # the request's KV pages (cache modes)
+    schedule: str = "llada"  # llada | llada2 | dream (sampler.params.SCHEDULES)
+    block_length: int = 0  # llada2: the block grid's length (block-causal attention over it)
+    kv_len: int = 0  # llada2 prefix_cache: positions [0, kv_len) already have stored keys/values
+    edit_rows: list[int] = field(default_factory=list)  # LLaDA2.1 editing: decoded positions it may re-write
+    editing_threshold: float = 0.0  # an edit needs confidence above this
+    transfer_prob: float = 1.0  # Dream's origin: each masked row commits with this probability
+    alg_temp: float = 0.0  # Dream: > 0 draws the committed positions (Gumbel top-k over confidence / alg_temp)
 
 
 @dataclass

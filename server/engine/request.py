@@ -1,5 +1,12 @@
 """A request's decoding state, torch-free: the canvas, where it is in its
-block schedule, and how much of its answer is final."""
+block schedule, and how much of its answer is final.
+
+The schedule is the request's (``DiffusionParams.schedule``): LLaDA's
+blocks from the prompt's end, LLaDA2's grid from position 0 (the canvas
+padded to whole blocks, the answer cut at ``gen_length``; with LLaDA2.1's
+token editing the current block's tokens may still change, so only whole
+finished blocks become final), or Dream's single block with its timestep
+quota."""
 from __future__ import annotations
 
 import enum
@@ -8,7 +15,8 @@ from dataclasses import dataclass, field
 
 from sampler.params import DiffusionParams
 from sampler.remasking import REMASKING
-from sampler.schedule import block_bounds, commit_quota_at, step_seed, steps_per_block
+from sampler.schedule import (block_bounds, commit_quota_at, dream_quota, dream_timesteps, dream_transfer_ratio,
+                              grid_blocks, step_seed, steps_per_block)
 
 
 class RequestStatus(enum.Enum):
@@ -38,9 +46,21 @@ class Request:
 
     def __post_init__(self) -> None:
         p = self.params
-        self.canvas: list[int] = list(self.prompt_ids) + [self.mask_id] * p.gen_length
-        self.blocks = block_bounds(p.gen_length, p.block_length)  # relative to the generated part
-        self.block_steps = steps_per_block(p.steps, len(self.blocks))
+        padded = p.gen_length
+        self.timesteps: list[float] = []
+        if p.schedule == "llada2":
+            self.blocks, padded = grid_blocks(len(self.prompt_ids), p.gen_length, p.block_length)
+            self.block_steps = [min(p.steps, p.gen_length)] * len(self.blocks)  # the reference's cap
+        elif p.schedule == "dream":
+            self.blocks, self.block_steps = [(0, p.gen_length)], [p.steps]
+            self.timesteps = dream_timesteps(p.steps, p.eps)
+        else:
+            self.blocks = block_bounds(p.gen_length, p.block_length)  # relative to the generated part
+            self.block_steps = steps_per_block(p.steps, len(self.blocks))
+        self.canvas: list[int] = list(self.prompt_ids) + [self.mask_id] * padded
+        self.editing = p.editing_threshold is not None
+        self.post_steps = 0  # editing: steps taken on the current block since it had no mask left
+        self.kv_len = 0  # llada2 prefix_cache: canvas positions [0, kv_len) have their keys/values stored
         self.block_idx = 0
         self.step_in_block = 0
         self.step_index = 0  # global step counter, zero-quota steps included (keys the noise)
@@ -68,7 +88,8 @@ class Request:
         the whole canvas (exact), block + suffix at the first block
         (prefix_cache), the longest block (dual_cache)."""
         if self.params.decoding == "prefix_cache":
-            return self.params.gen_length
+            # llada2: its block (a prompt tail included), never past it
+            return self.params.block_length if self.params.schedule == "llada2" else self.params.gen_length
         if self.params.decoding == "dual_cache":
             return max(b1 - b0 for b0, b1 in self.blocks)
         return self.num_tokens
@@ -79,6 +100,8 @@ class Request:
         if action is None or action == "fill":
             return self.num_tokens
         b0, b1 = self.block_range
+        if self.params.schedule == "llada2":
+            return b1 - (b0 - b0 % self.params.block_length)
         return b1 - b0 if self.params.decoding == "dual_cache" else len(self.canvas) - b0
 
     def _block_size(self) -> int:
@@ -107,7 +130,12 @@ class Request:
         """Steps whose quota is 0 commit nothing: pass them without a forward.
         They only end a block (the quota never grows), so jump to its end,
         counting them in step_index, which keys the noise of later steps."""
-        if self.is_done or self.is_adaptive or self.quota() > 0:
+        if self.is_done or self.is_adaptive or self.params.schedule == "llada2" or self.quota() > 0:
+            return
+        if self.params.schedule == "dream":  # its quota may grow again as the timesteps shrink
+            while self.quota() == 0 and self.params.remasking != "origin":
+                self.step_index += 1
+                self.step_in_block += 1
             return
         remaining = self.block_steps[self.block_idx] - self.step_in_block
         self.step_index += remaining - 1
@@ -123,7 +151,26 @@ class Request:
         adaptive rules the cap (every masked position of the block)."""
         if self.is_adaptive:
             return len(self.masked_positions())
+        schedule = self.params.schedule
+        if schedule == "llada2":
+            if self.editing:
+                return self.params.num_to_transfer
+            return commit_quota_at(self.params.block_length, self.block_steps[self.block_idx], self.step_in_block)
+        if schedule == "dream":
+            return dream_quota(len(self.masked_positions()), self.timesteps, self.step_in_block)
         return commit_quota_at(self._block_size(), self.block_steps[self.block_idx], self.step_in_block)
+
+    def transfer_prob(self) -> float:
+        """Dream's origin: each masked position's chance to commit this step."""
+        return dream_transfer_ratio(self.timesteps, self.step_in_block) if self.timesteps else 1.0
+
+    def edit_positions(self) -> list[int]:
+        """With token editing: the current block's decoded, non-prompt
+        positions, whose tokens the step may re-write."""
+        if not self.editing:
+            return []
+        b0, b1 = self.block_range
+        return [i for i in range(max(b0, self.prompt_len), b1) if self.canvas[i] != self.mask_id]
 
     def seeds(self) -> tuple[int, int]:
         """(sampling seed, random-remasking seed) of the current step."""
@@ -136,20 +183,37 @@ class Request:
     def commit(self, positions: list[int], tokens: list[int]) -> list[int]:
         """Writes committed tokens, advances the schedule; returns the token
         ids that became final (the final prefix's growth)."""
+        had_masks = bool(self.masked_positions())
+        edited = any(self.canvas[pos] != self.mask_id for pos in positions)
+        if self.params.schedule == "llada2" and self.cache_action() == "fill":
+            b0 = self.block_range[0]  # the step stored every finished grid block's keys/values
+            self.kv_len = b0 - b0 % self.params.block_length
         for pos, tok in zip(positions, tokens):
             self.canvas[pos] = tok
         self.num_forward_steps += 1
-        self._advance()
+        self._advance(had_masks, edited)
         return self._grow_final()
 
-    def _advance(self) -> None:
+    def _advance(self, had_masks: bool = True, edited: bool = False) -> None:
         self.step_index += 1
         self.step_in_block += 1
-        block_over = (not self.masked_positions()) if self.is_adaptive \
-            else self.step_in_block == self.block_steps[self.block_idx]
+        masked = bool(self.masked_positions())
+        if self.editing:
+            # LLaDA2.1: a step that began without masks and edited nothing ends
+            # the block; so does a (max_post_steps + 1)-th step without masks.
+            if not had_masks and not edited:
+                block_over = True
+            else:
+                self.post_steps += 0 if masked else 1
+                block_over = self.post_steps > self.params.max_post_steps
+        elif self.is_adaptive or self.params.schedule == "llada2":
+            block_over = not masked or (not self.is_adaptive and self.step_in_block >= self.block_steps[self.block_idx])
+        else:
+            block_over = self.step_in_block == self.block_steps[self.block_idx]
         if block_over:
             self.block_idx += 1
             self.step_in_block = 0
+            self.post_steps = 0
 
     def _grow_final(self) -> list[int]:
         """A token is final once it and every position before it are
@@ -158,7 +222,10 @@ class Request:
         start = self.num_final
         gen = self.canvas
         n = self.prompt_len + self.num_final
-        while n < len(gen) and gen[n] != self.mask_id and self.stop_at is None:
+        limit = self.prompt_len + self.params.gen_length  # LLaDA2's padding past it is never answer
+        if self.editing and self.block_idx < len(self.blocks):
+            limit = min(limit, self.block_range[0])  # the current block may still be edited
+        while n < limit and gen[n] != self.mask_id and self.stop_at is None:
             if gen[n] in self.stop_ids:
                 self.stop_at = n - self.prompt_len
             else:

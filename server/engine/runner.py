@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sampler.block_diffusion import StepRows, apply_cfg, denoise_step
+from sampler.block_diffusion import StepRows, apply_cfg, denoise_step, edit_step
 from server.engine.likelihood_batch import pack_scores, score
 from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput
 from server.models.kv_cache import CacheView, PagedKVCache
@@ -36,11 +36,23 @@ class SeqPlan:
     end: int  # one past the last
     cached: int  # keys read from its pages
     stored: list[int]  # canvas positions whose keys/values it stores, in slot order
+    first_slot: int = 0  # the slot of stored[0] in the request's pages
 
 
 def plan(s: ScheduledSeq) -> SeqPlan:
     length = len(s.canvas)
     b0, b1 = s.block
+    if s.schedule == "llada2":
+        # Block-causal over a grid from 0: nothing after the block is seen, and
+        # a finished block's keys/values never change, so a fill computes only
+        # what is not stored yet and stores each finished block once.
+        # The block's grid start: a prompt tail in the block still sees its masks.
+        g0 = b0 - b0 % s.block_length
+        if s.cache_action is None:
+            return SeqPlan(0, b1, 0, [])
+        if s.cache_action == "fill":
+            return SeqPlan(s.kv_len, b1, s.kv_len, list(range(s.kv_len, g0)), s.kv_len)
+        return SeqPlan(g0, b1, g0, [])
     if s.cache_action is None:
         return SeqPlan(0, length, 0, [])
     dual = s.decoding == "dual_cache"
@@ -77,7 +89,7 @@ class ModelRunner:
             ids += s.canvas[p.start:p.end]
             positions += range(p.start, p.end)
             cu_seqlens.append(start + p.end - p.start)
-            cond_rows += [start + r - p.start for r in s.rows]
+            cond_rows += [start + r - p.start for r in sorted(s.rows + s.edit_rows)]
         for s in seqs:  # unconditional canvases after all conditional ones (exact mode only)
             if s.cfg_scale > 0:
                 start = cu_seqlens[-1]
@@ -88,7 +100,7 @@ class ModelRunner:
 
         # Rows per packed sequence (conditional canvases, then unconditional
         # ones), ascending: the last layer computes only these rows.
-        row_counts = [len(s.rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
+        row_counts = [len(s.rows) + len(s.edit_rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
         score_rows: list[int] = []
         pack = None
         if sched.scores:  # likelihood samples' canvases go last
@@ -108,6 +120,7 @@ class ModelRunner:
             torch.tensor(cond_rows + uncond_rows + score_rows, dtype=torch.long, device=dev),
             self._cache_view(seqs, plans, cu_seqlens),
             logits_cu_seqlens=rows_cu,
+            **self._causal_blocks(seqs, len(cu_seqlens) - 1),
         )
         out = RunnerOutput()
         if pack is not None:
@@ -117,6 +130,9 @@ class ModelRunner:
             return out
         if uncond_rows:
             logits = self._guide(logits[: len(cond_rows)], logits[len(cond_rows):], seqs)
+        edits: dict[str, list[tuple[int, int, float]]] = {}
+        if any(s.edit_rows for s in seqs):
+            logits, edits = self._edit(logits, seqs)
 
         rows = StepRows.build(
             row_offsets=[[p - s.prompt_len for p in s.rows] for s in seqs],
@@ -130,6 +146,9 @@ class ModelRunner:
             top_ps=[s.top_p for s in seqs],
             thresholds=[s.threshold for s in seqs],
             factors=[s.factor for s in seqs],
+            schedules=[s.schedule for s in seqs],
+            alg_temps=[s.alg_temp for s in seqs],
+            transfer_probs=[s.transfer_prob for s in seqs],
         )
         x0, commit, prob = denoise_step(logits, rows)
         x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
@@ -137,10 +156,53 @@ class ModelRunner:
         i = 0
         for s in seqs:
             picked = [(p, x0[i + j], prob[i + j]) for j, p in enumerate(s.rows) if commit[i + j]]
+            picked = sorted(picked + edits.get(s.req_id, []))
             out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
             out.confidences[s.req_id] = [c for _, _, c in picked]
             i += len(s.rows)
         return out
+
+    def _causal_blocks(self, seqs: list[ScheduledSeq], num_packed: int) -> dict:
+        """Block-causal models attend over each request's own block grid."""
+        if not getattr(self.model.config, "block_causal_size", 0) or not any(s.block_length for s in seqs):
+            return {}
+        default = self.model.config.block_causal_size
+        return {"causal_blocks": [s.block_length or default for s in seqs] + [default] * (num_packed - len(seqs))}
+
+    def _edit(self, logits: torch.Tensor, seqs: list[ScheduledSeq]):
+        """Splits the edit rows (LLaDA2.1) from the masked rows and decides
+        the edits. logits: (rows + edit rows, vocab), each sequence's in
+        canvas order. Returns (the masked rows' logits, req_id -> [(position,
+        token, prob)] of its edits)."""
+        keep, edit_idx, offsets, current, tau, per_seq = [], [], [], [], [], []
+        i = 0
+        for k, s in enumerate(seqs):
+            edit_set = set(s.edit_rows)
+            for j, pos in enumerate(sorted(s.rows + s.edit_rows)):
+                if pos in edit_set:
+                    edit_idx.append(i + j)
+                    offsets.append(pos - s.prompt_len)
+                    current.append(s.canvas[pos])
+                    tau.append(s.editing_threshold)
+                    per_seq.append(k)
+                else:
+                    keep.append(i + j)
+            i += len(s.rows) + len(s.edit_rows)
+        dev = logits.device
+        rows = StepRows.build(
+            row_offsets=[[o for o, q in zip(offsets, per_seq) if q == k] for k in range(len(seqs))],
+            quotas=[0] * len(seqs), temperatures=[s.temperature for s in seqs], seeds=[s.seed for s in seqs],
+            random_seeds=[s.random_seed for s in seqs], remasking=[s.remasking for s in seqs], device=dev,
+            top_ks=[s.top_k for s in seqs], top_ps=[s.top_p for s in seqs])
+        x0, edit, prob = edit_step(logits[torch.tensor(edit_idx, device=dev)], rows,
+                                   torch.tensor(current, dtype=torch.long, device=dev),
+                                   torch.tensor(tau, dtype=torch.float64, device=dev))
+        edits: dict[str, list[tuple[int, int, float]]] = {}
+        for n, (k, ok) in enumerate(zip(per_seq, edit.tolist())):
+            if ok:
+                s = seqs[k]
+                edits.setdefault(s.req_id, []).append((s.prompt_len + offsets[n], int(x0[n]), float(prob[n])))
+        return logits[torch.tensor(keep, dtype=torch.long, device=dev)], edits
 
     def _cache_view(self, seqs: list[ScheduledSeq], plans: list[SeqPlan], cu_seqlens: list[int]) -> CacheView | None:
         if not any(s.cache_action for s in seqs):
@@ -153,7 +215,7 @@ class ModelRunner:
         cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
         slots = [-1] * cu_seqlens[-1]
         for s, p, start in zip(seqs, plans, cu_seqlens):
-            for j, pos in enumerate(p.stored):  # slot j of the request's pages
+            for j, pos in enumerate(p.stored, p.first_slot):  # slot j of the request's pages
                 slots[start + pos - p.start] = s.pages[j // page_size] * page_size + j % page_size
         dev = self.device
         return CacheView(self.kv_cache, torch.tensor(table, dtype=torch.int32, device=dev), cached,

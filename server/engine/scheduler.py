@@ -196,7 +196,9 @@ class Scheduler:
             top_k=p.top_k, top_p=p.top_p,
             seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
             threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
-            cache_action=req.cache_action(), pages=req.pages,
+            cache_action=req.cache_action(), pages=req.pages, schedule=p.schedule,
+            block_length=p.block_length, kv_len=req.kv_len, edit_rows=req.edit_positions(),
+            editing_threshold=p.editing_threshold or 0.0, transfer_prob=req.transfer_prob(), alg_temp=p.alg_temp,
         )
 
     def update(self, result: RunnerOutput) -> list[RequestOutput]:

@@ -89,7 +89,7 @@ class RaggedLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cu_seqlens: list[int],
                 logits_indices: torch.Tensor | None = None, cache: CacheView | None = None,
-                logits_cu_seqlens: list[int] | None = None) -> torch.Tensor:
+                logits_cu_seqlens: list[int] | None = None, causal_blocks: list[int] | None = None) -> torch.Tensor:
         """input_ids, positions: (num_tokens,) packed sequences, sequence i
         spanning [cu_seqlens[i], cu_seqlens[i+1]). With ``cache``, tokens
         with a write slot store their keys/values, and sequence i's queries
@@ -97,10 +97,15 @@ class RaggedLM(nn.Module):
         ``logits_cu_seqlens`` (optional) says that ``logits_indices`` is
         ascending with sequence i's rows at [logits_cu_seqlens[i],
         logits_cu_seqlens[i+1]); the last layer then computes those rows only.
-        Returns logits (len(logits_indices) or num_tokens, vocab)."""
+        ``causal_blocks`` (block-causal models): sequence i's block length,
+        else the config's ``block_causal_size`` for all. Returns logits (len(logits_indices) or num_tokens, vocab)."""
         extra = self._attention_kwargs()
         if self.config.block_causal_size:
-            extra.update(causal_block=self.config.block_causal_size, positions=positions)
+            block = self.config.block_causal_size
+            if causal_blocks is not None:  # (num_tokens,) each token's own sequence's block length
+                lengths = torch.tensor([b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])], device=positions.device)
+                block = torch.tensor(causal_blocks, device=positions.device).repeat_interleave(lengths)
+            extra.update(causal_block=block, positions=positions)
         if cache is None:
             def attend(layer, q, k, v, cu_q=cu_seqlens):
                 return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, **extra)
@@ -121,18 +126,19 @@ class RaggedLM(nn.Module):
         return self._run(input_ids, positions, attend, logits_indices, rows_attend)
 
     def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      logits_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      logits_mask: torch.Tensor | None = None, block_length: int | None = None) -> torch.Tensor:
         """The references' interface: (batch, length) -> (batch, length, vocab).
         Padded keys (attention_mask == 0) are masked for every query. With a
         boolean ``logits_mask`` (batch, length), the LM head runs only on its
         true positions and the result is (num_true, vocab) in row-major order
-        (training computes the loss on masked tokens only)."""
+        (training computes the loss on masked tokens only). ``block_length``:
+        a block-causal model's block length, else its config's."""
         batch, length = input_ids.shape
         bias = None
         if attention_mask is not None and not bool(attention_mask.all()):
             bias = attention_mask.bool()[:, None, None, :]  # (batch, 1, 1, length) keys kept
         if self.config.block_causal_size:
-            blocks = torch.arange(length, device=input_ids.device) // self.config.block_causal_size
+            blocks = torch.arange(length, device=input_ids.device) // (block_length or self.config.block_causal_size)
             causal = blocks[None, :] <= blocks[:, None]  # (length, length) query -> keys seen
             bias = causal[None, None] if bias is None else bias & causal[None, None]
         positions = torch.arange(length, device=input_ids.device).repeat(batch)

@@ -75,38 +75,26 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
         ) from None
 
 
-# generation_config.json key -> the decoding field it recommends: Hugging
-# Face's own ``max_new_tokens``, and LLaDA generate()'s ``block_length``.
-# (No ``steps``: it only makes sense for one canvas length; steps default to
-# one token per step of whatever length a request asks.)
-GENERATION_DEFAULTS = {"max_new_tokens": "gen_length", "block_length": "block_length"}
-
-
-def recommended_decoding(model: str, **builtin: int) -> dict[str, int]:
+def recommended_decoding(model: str, **builtin: Any) -> dict[str, Any]:
     """``builtin`` (gen_length=..., block_length=...) overridden by what the
     checkpoint ``model`` recommends: the defaults for flags the user left out."""
     return builtin | generation_defaults(resolve_model_path(model))
 
 
-def generation_defaults(path: Path) -> dict[str, int]:
-    """The decoding a checkpoint recommends in its generation_config.json
-    (``max_new_tokens``, ``block_length``), as DiffusionParams
-    field names. Missing file or keys: {}. A present but invalid value is an
-    error naming it. The server and the CLI use these where the user gives
-    none, as vLLM does with a model's generation config."""
+def generation_defaults(path: Path) -> dict[str, Any]:
+    """The decoding a checkpoint recommends, as DiffusionParams field names:
+    its family's own (``registry.decoding_defaults``: LLaDA2's schedule and
+    threshold, Dream's, ...) overridden by its generation_config.json
+    (``max_new_tokens``, ``block_length``, and the keys its family's
+    generate() reads). A present but invalid value is an error naming it.
+    The server and the CLI use these where the user gives none, as vLLM
+    does with a model's generation config."""
     file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
-    raw = read_json(file)
-    out = {}
-    for key, field in GENERATION_DEFAULTS.items():
-        value = raw.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise CheckpointError(f"{file}: {key} must be a positive integer, got {value!r}")
-        out[field] = value
-    return out
+    generation = read_json(file) if file.is_file() else {}
+    try:
+        return registry.decoding_defaults(read_json(path / "config.json"), generation, str(file))
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def test_step_seeds_are_distinct_and_signed_64_bit():
     ({"temperature": "hot"}, "temperature: must be a number"),
     ({"cfg_scale": -1}, "cfg_scale: must be a number"),
     ({"remasking": "lowest"},
-     "remasking: unknown strategy 'lowest'; one of entropy, factor, low_confidence, margin, random, threshold"),
+     "remasking: unknown strategy 'lowest'; one of entropy, factor, low_confidence, margin, maskgit_plus, origin, random, threshold, threshold_quota, topk_margin"),
     ({"threshold": 0}, "threshold: must be a number in (0, 1]"),
     ({"factor": -1}, "factor: must be a positive number"),
     ({"decoding": "fast"}, "decoding: unknown mode 'fast'; one of exact, prefix_cache, dual_cache"),
