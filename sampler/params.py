@@ -24,6 +24,10 @@ DECODING = ("exact", "prefix_cache", "dual_cache")
 #   linspace(1, eps), each step commits int(n * (1 - s/t)) of the n masked.
 SCHEDULES = ("llada", "llada2", "dream")
 
+# The most alternatives a request may ask for per returned token (vLLM's
+# default max_logprobs; OpenAI's chat allows 20, its completions 5).
+MAX_LOGPROBS = 20
+
 
 @dataclass
 class DiffusionParams:
@@ -46,6 +50,7 @@ class DiffusionParams:
     num_to_transfer: int = 1  # llada2 editing: tokens each step commits at least (it replaces the quota)
     alg_temp: float = 0.0  # dream: > 0 draws which positions commit, softmax(confidence / alg_temp)
     eps: float = 1e-3  # dream: the last timestep
+    logprobs: int | None = None  # report each answer token's logprob and this many likeliest alternatives; None = off
 
     def __post_init__(self) -> None:
         self.validate()
@@ -116,6 +121,9 @@ class DiffusionParams:
               and 0 <= self.alg_temp <= 100, "alg_temp", f"must be a number in [0, 100], got {self.alg_temp!r}")
         check(isinstance(self.eps, (int, float)) and not isinstance(self.eps, bool) and 0 < self.eps < 1, "eps",
               f"must be a number in (0, 1), got {self.eps!r}")
+        check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                        and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
+              f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",

@@ -15,6 +15,17 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _END_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>")
 
 
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE's alphabet read backwards: the character that stands
+    for each byte (GPT-2's table: printable bytes stand for themselves, the
+    rest for 256, 257, ... in byte order) -> that byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
 class Tokenizer:
     def __init__(self, hf_tokenizer):
         self.hf = hf_tokenizer
@@ -30,6 +41,8 @@ class Tokenizer:
             self._backend = RustTokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
             self._backend.no_truncation()
             self._backend.no_padding()
+        decoder = getattr(getattr(hf_tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
 
     @classmethod
     def load(cls, path: Path) -> "Tokenizer | None":
@@ -75,6 +88,17 @@ class Tokenizer:
     def token_pieces(self, ids: list[int]) -> list[str]:
         return [self.hf.decode([i]) for i in ids]
 
+    def token_bytes(self, ids: list[int]) -> list[bytes]:
+        """Each token's own bytes: with a byte-level BPE, a token may hold
+        part of a UTF-8 character, which its text piece cannot show."""
+        if not self._byte_level:
+            return [piece.encode("utf-8") for piece in self.token_pieces(ids)]
+        table = _BYTE_OF_CHAR
+        out = []
+        for token in self.hf.convert_ids_to_tokens(ids):
+            out.append(b"".join(bytes([table[ch]]) if ch in table else ch.encode("utf-8") for ch in token))
+        return out
+
     def end_ids(self) -> set[int]:
         ids = set()
         if self.hf.eos_token_id is not None:
@@ -82,6 +106,9 @@ class Tokenizer:
         vocab = self.hf.get_vocab()
         ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
         return ids
+
+
+_BYTE_OF_CHAR = _byte_of_char()
 
 
 def stop_token_ids(path: Path, raw_config: dict[str, Any], tokenizer: Tokenizer | None) -> frozenset[int]:

@@ -24,8 +24,15 @@ class Choice:
     num_steps: int = 0  # forward passes its request has taken
     num_denoised: int = 0  # denoising steps seen (outputs that committed)
     block: int = 0  # index of the block the last step worked on
+    logprobs: list | None = None  # TokenLogprob per token of token_ids when asked, else None
+    num_logprobs_sent: int = 0  # tokens whose logprobs a stream has sent
 
-    def update(self, token_ids: list[int], decode: Decode) -> None:
+    def update(self, token_ids: list[int], decode: Decode, logprobs: list | None = None) -> None:
+        if logprobs is not None:
+            self.logprobs = logprobs
+        self._update_text(token_ids, decode)
+
+    def _update_text(self, token_ids: list[int], decode: Decode) -> None:
         self.token_ids = token_ids
         text = decode(token_ids)
         for s in self.stops:

@@ -2,7 +2,7 @@
 
 Unknown fields are accepted and ignored (logged at debug level), as OpenAI
 clients send fields a server may not know. Known OpenAI features this server
-does not have (logprobs, echo, tools, ...) are refused with a 400 naming the
+does not have (echo, tools, penalties, ...) are refused with a 400 naming the
 field rather than silently ignored. Diffusion knobs are extra body fields.
 
 Types are strict: a boolean or a string is never a number, numbers must be
@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
+
+from sampler.params import MAX_LOGPROBS
 
 # StrictFloat takes ints (JSON's 1 is a number) but not booleans or strings;
 # every request model also sets allow_inf_nan=False (Python's json reads
@@ -54,6 +56,13 @@ def _surrogate_path(value: Any) -> str | None:
                 if isinstance(item, (dict, list)):
                     stack.append((item, f"{where}[{i}]"))
     return None
+
+
+# Why a refused field is refused, where "not supported" would not help.
+WHY_UNSUPPORTED = {
+    "echo": "a diffusion model gives no per-token logprobs of the prompt; score a continuation given a context "
+            "with POST /v1/loglikelihood (LLaDA's Monte Carlo likelihood bound) instead",
+}
 
 
 class RequestBody(BaseModel):
@@ -120,7 +129,6 @@ class DiffusionFields(RequestBody):
         False, description="vLLM extension: EOS/EoT are decoded as ordinary tokens; the answer is the whole "
         "canvas (max_tokens tokens, finish_reason length unless a stop string ends it first)")
     # OpenAI features refused with a clear error when used
-    logprobs: Any = None
     presence_penalty: StrictFloat | None = None
     frequency_penalty: StrictFloat | None = None
     logit_bias: dict[str, StrictFloat] | None = None
@@ -139,8 +147,6 @@ class DiffusionFields(RequestBody):
 
     def unsupported(self) -> str | None:
         """The first OpenAI field that is set to something this server cannot do."""
-        if self.logprobs not in (None, False, 0):
-            return "logprobs"
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
                 return name
@@ -156,6 +162,15 @@ class CompletionRequest(DiffusionFields):
     echo: StrictBool = False
     suffix: str | None = None
     best_of: StrictInt | None = None
+    logprobs: StrictInt | None = Field(
+        None, description=f"each returned token's logprob and this many likeliest alternatives (0 to {MAX_LOGPROBS}) "
+        "at the denoising step that committed it")
+
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token, or None when not asked (ValueError naming the field)."""
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        return self.logprobs
 
     def unsupported(self) -> str | None:
         if self.echo:
@@ -189,15 +204,25 @@ class ChatCompletionRequest(DiffusionFields):
     tools: list[Any] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
-    top_logprobs: StrictInt | None = None
+    logprobs: StrictBool | None = Field(
+        None, description="return each answer token's logprob at the denoising step that committed it")
+    top_logprobs: StrictInt | None = Field(
+        None, description=f"with logprobs: this many likeliest alternatives per token, 0 to {MAX_LOGPROBS}")
+
+    def num_logprobs(self) -> int | None:
+        """Alternatives per token, or None when not asked (ValueError naming the field)."""
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"top_logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.top_logprobs}")
+            if not self.logprobs:
+                raise ValueError("top_logprobs: needs logprobs set to true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def unsupported(self) -> str | None:
         if self.tools:
             return "tools"
         if self.response_format and self.response_format.get("type") not in (None, "text"):
             return "response_format"
-        if self.top_logprobs:
-            return "top_logprobs"
         return super().unsupported()
 
 

@@ -31,7 +31,8 @@ from typing import Any, AsyncIterator
 from sampler.params import DiffusionParams
 from server.api.choices import Choice
 from server.api.errors import APIError
-from server.api.protocol import ChatCompletionRequest, CompletionRequest, DiffusionFields
+from server.api.logprobs import final_logprobs, logprobs_delta
+from server.api.protocol import WHY_UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DiffusionFields
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
 from server.engine.request import RequestStatus
 
@@ -72,7 +73,7 @@ class OpenAIServing:
             raise APIError(404, f"The model `{req.model}` does not exist.", "not_found_error", "model", "model_not_found")
         bad = req.unsupported()
         if bad:
-            raise APIError.bad_request(f"{bad}: not supported by this server", bad)
+            raise APIError.bad_request(f"{bad}: {WHY_UNSUPPORTED.get(bad, 'not supported by this server')}", bad)
 
     @staticmethod
     def max_tokens_field(req: DiffusionFields) -> str:
@@ -88,6 +89,8 @@ class OpenAIServing:
         if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
             steps = max(steps, -(-gen_length // (req.block_length or cfg.default_block_length)))
         name = self.max_tokens_field(req)
+        if req.logprobs and self.engine.engine.tokenizer is None:
+            raise APIError.bad_request("logprobs: this model has no tokenizer to spell the tokens", "logprobs")
         if not isinstance(gen_length, int) or gen_length < 1:
             raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)
         try:
@@ -101,6 +104,7 @@ class OpenAIServing:
                 threshold=req.threshold if req.threshold is not None else cfg.default_threshold,
                 factor=req.factor if req.factor is not None else 1.0,
                 seed=None if req.seed is None else (req.seed + choice) % 2**63, ignore_eos=req.ignore_eos,
+                logprobs=req.num_logprobs(),
             )
         except ValueError as e:
             raise APIError.bad_request(_renamed(str(e), name)) from None
@@ -187,7 +191,8 @@ class OpenAIServing:
                 except (EngineDeadError, EngineNotReadyError) as e:
                     raise APIError(503, str(e), "server_error", None, "unavailable") from None
                 choices.append(Choice(index, engine_reqs[-1].req_id, len(prompt), req.stop_list(),
-                                      blocks=list(engine_reqs[-1].blocks)))
+                                      blocks=list(engine_reqs[-1].blocks),
+                                      logprobs=None if params.logprobs is None else []))
         started = time.monotonic()
         streams = []
         every_step = bool(req.stream and req.stream_options is not None and req.stream_options.include_denoising)
@@ -215,7 +220,7 @@ class OpenAIServing:
                     raise APIError(500, f"the request failed: {out.error}", "server_error", None, "internal_error")
                 if on_step is not None and out.committed is not None:
                     await on_step(choice, out)
-                choice.update(out.token_ids, decode)
+                choice.update(out.token_ids, decode, out.logprobs)
                 if out.finished and choice.finish_reason is None:
                     choice.finish_reason = out.finish_reason
                 done = choice.finish_reason is not None
@@ -275,13 +280,15 @@ class OpenAIServing:
     def final_body(self, kind: str, resp_id: str, req, choices: list[Choice], started: float) -> dict:
         usage = self._usage(req, choices)
         self._log(resp_id, choices, usage, started)
+        tok, decode = self.engine.engine.tokenizer, self.tokenizer_decode
         if kind == "chat":
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": None, "finish_reason": c.finish_reason} for c in choices]
+                    "logprobs": final_logprobs(kind, tok, decode, c), "finish_reason": c.finish_reason}
+                   for c in choices]
             obj = "chat.completion"
         else:
-            out = [{"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                   for c in choices]
+            out = [{"index": c.index, "text": c.text, "logprobs": final_logprobs(kind, tok, decode, c),
+                    "finish_reason": c.finish_reason} for c in choices]
             obj = "text_completion"
         return {"id": resp_id, "object": obj, "created": int(time.time()), "model": self.model_name,
                 "choices": out, "usage": usage}
@@ -320,10 +327,13 @@ class OpenAIServing:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         def piece(c: Choice, text: str | None, finish: str | None, role: bool = False) -> dict:
+            # the logprobs of the tokens whose text has gone out, this chunk's included
+            lps = None if role else logprobs_delta(kind, self.engine.engine.tokenizer, self.tokenizer_decode, c,
+                                                   final=finish is not None)
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-                return {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"index": c.index, "text": text or "", "logprobs": None, "finish_reason": finish}
+                return {"index": c.index, "delta": delta, "logprobs": lps, "finish_reason": finish}
+            return {"index": c.index, "text": text or "", "logprobs": lps, "finish_reason": finish}
 
         async def on_update(c: Choice, done: bool) -> None:
             text = c.ready_delta(final=done)

@@ -132,6 +132,7 @@ class LLMEngine:
                     alone = self.runner.execute(part)
                     result.commits.update(alone.commits)
                     result.confidences.update(alone.confidences)
+                    result.logprobs.update(alone.logprobs)
                     result.scores.update(alone.scores)
                 except Exception as e:
                     logger.exception("request %s failed in the model runner", req_id)

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.engine import LLMEngine
-from server.engine.messages import LikelihoodResult
+from server.engine.messages import LikelihoodResult, TokenLogprob
 from server.engine.request import Request
 from server.engine.scheduler import SchedulerConfig
 
@@ -29,6 +29,7 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS/EoT) or "length"
     num_steps: int  # forward passes this request took
     num_committed: int  # canvas positions committed when it finished (early stop leaves some masked)
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when params.logprobs is set
 
 
 class LLM:
@@ -132,5 +133,5 @@ class LLM:
             text = self.tokenizer.decode(out.token_ids) if self.tokenizer is not None else None
             committed = sum(t != req.mask_id for t in req.canvas[req.prompt_len:])
             outputs.append(GenerationOutput(ids, out.token_ids, text, out.finish_reason, req.num_forward_steps,
-                                            committed))
+                                            committed, out.logprobs))
         return outputs

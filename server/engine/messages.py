@@ -33,6 +33,18 @@ class ScheduledSeq:
     editing_threshold: float = 0.0  # an edit needs confidence above this
     transfer_prob: float = 1.0  # Dream's origin: each masked row commits with this probability
     alg_temp: float = 0.0  # Dream: > 0 draws the committed positions (Gumbel top-k over confidence / alg_temp)
+    num_logprobs: int | None = None  # committed tokens' logprobs with this many alternatives; None = not asked
+
+
+@dataclass
+class TokenLogprob:
+    """A committed token's log-probability under the model's distribution at
+    the position and step it was committed (log-softmax of that step's
+    logits, after classifier-free guidance, before temperature, top-k and
+    top-p), and the likeliest tokens there."""
+
+    logprob: float
+    top: list[tuple[int, float]]  # the k likeliest (token id, logprob), likeliest first
 
 
 @dataclass
@@ -63,6 +75,8 @@ class RunnerOutput:
     commits: dict[str, tuple[list[int], list[int]]] = field(default_factory=dict)
     # req_id -> the model's probability of each committed token, aligned with commits[req_id]
     confidences: dict[str, list[float]] = field(default_factory=dict)
+    # req_id -> each committed token's TokenLogprob, aligned with commits[req_id] (requests that ask only)
+    logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)
     # req_id -> each scored sample's weighted loss L, aligned with ScheduledScore.sample_ids
     scores: dict[str, list[float]] = field(default_factory=dict)
 
@@ -91,3 +105,4 @@ class RequestOutput:
     confidences: list[float] | None = None  # this step's committed tokens' probabilities, aligned with committed
     num_steps: int = 0  # forward passes the request has taken so far
     likelihood: LikelihoodResult | None = None  # a finished likelihood request's result
+    logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when the request asked for them

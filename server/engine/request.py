@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from sampler.params import DiffusionParams
+from server.engine.messages import TokenLogprob
 from sampler.remasking import REMASKING
 from sampler.schedule import (block_bounds, commit_quota_at, dream_quota, dream_timesteps, dream_transfer_ratio,
                               grid_blocks, step_seed, steps_per_block)
@@ -71,6 +72,9 @@ class Request:
         self.is_adaptive = REMASKING[p.remasking].is_adaptive  # steps follow the model, not the schedule
         self.pages: list[int] = []  # KV pages, reserved at admission in the cache modes
         self.deferred_since: int | None = None  # scheduler step at which its pending fill was first deferred
+        # generated-part offset -> its token's logprob at the step that (last) wrote it; None = not asked
+        self.token_logprobs: list[TokenLogprob | None] | None = \
+            [None] * (len(self.canvas) - self.prompt_len) if p.logprobs is not None else None
 
     @property
     def prompt_len(self) -> int:
@@ -180,9 +184,10 @@ class Request:
         b0, b1 = self.block_range
         return [i for i in range(b0, b1) if self.canvas[i] == self.mask_id]
 
-    def commit(self, positions: list[int], tokens: list[int]) -> list[int]:
-        """Writes committed tokens, advances the schedule; returns the token
-        ids that became final (the final prefix's growth)."""
+    def commit(self, positions: list[int], tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
+        """Writes committed tokens (and their logprobs, when asked), advances
+        the schedule; returns the token ids that became final (the final
+        prefix's growth)."""
         had_masks = bool(self.masked_positions())
         edited = any(self.canvas[pos] != self.mask_id for pos in positions)
         if self.params.schedule == "llada2" and self.cache_action() == "fill":
@@ -190,6 +195,9 @@ class Request:
             self.kv_len = b0 - b0 % self.params.block_length
         for pos, tok in zip(positions, tokens):
             self.canvas[pos] = tok
+        if logprobs is not None and self.token_logprobs is not None:
+            for pos, lp in zip(positions, logprobs):
+                self.token_logprobs[pos - self.prompt_len] = lp
         self.num_forward_steps += 1
         self._advance(had_masks, edited)
         return self._grow_final()
@@ -237,6 +245,13 @@ class Request:
     def output_ids(self) -> list[int]:
         """The answer: the final prefix, which ends before the first stop token."""
         return self.canvas[self.prompt_len: self.prompt_len + self.num_final]
+
+    @property
+    def output_logprobs(self) -> list[TokenLogprob] | None:
+        """The answer's logprobs, aligned with output_ids; None = not asked."""
+        if self.token_logprobs is None:
+            return None
+        return self.token_logprobs[:self.num_final]
 
     def finish_status(self) -> RequestStatus:
         return RequestStatus.FINISHED_STOPPED if self.stop_at is not None else RequestStatus.FINISHED_LENGTH

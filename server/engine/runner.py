@@ -24,7 +24,7 @@ import torch
 
 from sampler.block_diffusion import StepRows, apply_cfg, denoise_step, edit_step
 from server.engine.likelihood_batch import pack_scores, score
-from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput
+from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
 from server.models.kv_cache import CacheView, PagedKVCache
 
 
@@ -130,6 +130,7 @@ class ModelRunner:
             return out
         if uncond_rows:
             logits = self._guide(logits[: len(cond_rows)], logits[len(cond_rows):], seqs)
+        row_logits = logits  # every row, each sequence's in canvas order: logprobs read them
         edits: dict[str, list[tuple[int, int, float]]] = {}
         if any(s.edit_rows for s in seqs):
             logits, edits = self._edit(logits, seqs)
@@ -160,6 +161,42 @@ class ModelRunner:
             out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
             out.confidences[s.req_id] = [c for _, _, c in picked]
             i += len(s.rows)
+        if any(s.num_logprobs is not None for s in seqs):
+            out.logprobs = self._logprobs(row_logits, seqs, out.commits)
+        return out
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[ScheduledSeq],
+                  commits: dict[str, tuple[list[int], list[int]]]) -> dict[str, list[TokenLogprob]]:
+        """The committed tokens' logprobs and top alternatives, for the
+        sequences that ask: log-softmax over only their committed rows.
+        logits: (rows + edit rows, vocab), each sequence's in canvas order."""
+        rows, tokens, owners = [], [], []
+        i = 0
+        for s in seqs:
+            order = sorted(s.rows + s.edit_rows)
+            if s.num_logprobs is not None:
+                index = {pos: j for j, pos in enumerate(order)}
+                positions, toks = commits[s.req_id]
+                rows += [i + index[p] for p in positions]
+                tokens += toks
+                owners.append((s, len(positions)))
+            i += len(order)
+        if not rows:
+            return {s.req_id: [] for s, _ in owners}
+        dev = logits.device
+        lp = torch.log_softmax(logits[torch.tensor(rows, device=dev)].float(), dim=-1)  # (num_committed, vocab)
+        chosen = lp.gather(1, torch.tensor(tokens, device=dev)[:, None]).squeeze(1).tolist()
+        k = max(s.num_logprobs for s, _ in owners)
+        top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
+        out: dict[str, list[TokenLogprob]] = {}
+        j = 0
+        for s, n in owners:
+            k = s.num_logprobs
+            out[s.req_id] = [TokenLogprob(chosen[r], list(zip(top_ids[r][:k], top_vals[r][:k])))
+                             for r in range(j, j + n)]
+            j += n
         return out
 
     def _causal_blocks(self, seqs: list[ScheduledSeq], num_packed: int) -> dict:

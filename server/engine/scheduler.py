@@ -199,6 +199,7 @@ class Scheduler:
             cache_action=req.cache_action(), pages=req.pages, schedule=p.schedule,
             block_length=p.block_length, kv_len=req.kv_len, edit_rows=req.edit_positions(),
             editing_threshold=p.editing_threshold or 0.0, transfer_prob=req.transfer_prob(), alg_temp=p.alg_temp,
+            num_logprobs=p.logprobs,
         )
 
     def update(self, result: RunnerOutput) -> list[RequestOutput]:
@@ -218,7 +219,7 @@ class Scheduler:
             committed = result.commits.get(req.req_id)
             new_ids: list[int] = []
             if committed is not None:
-                new_ids = req.commit(*committed)
+                new_ids = req.commit(*committed, result.logprobs.get(req.req_id))
                 if req.first_token_time is None and new_ids:
                     req.first_token_time = time.monotonic()
             if req.is_done:
@@ -231,5 +232,5 @@ class Scheduler:
                     finished=req.status.is_finished,
                     finish_reason=req.status.value if req.status.is_finished else None,
                     committed=committed, confidences=result.confidences.get(req.req_id),
-                    num_steps=req.num_forward_steps))
+                    num_steps=req.num_forward_steps, logprobs=req.output_logprobs))
         return outputs

@@ -52,7 +52,7 @@ CASES = [
                                                    "steps": 3}, 400, "steps"),
     ("stream not bool", "chat", {**OK_CHAT, "stream": "yes"}, 400, "stream"),
     ("seed not int", "chat", {**OK_CHAT, "seed": "abc"}, 400, "seed"),
-    ("logprobs unsupported", "completions", {**OK_COMP, "logprobs": 3}, 400, "logprobs"),
+    ("logprobs over 20", "completions", {**OK_COMP, "logprobs": 21}, 400, "logprobs"),
     ("echo unsupported", "completions", {**OK_COMP, "echo": True}, 400, "echo"),
     ("tools unsupported", "chat", {**OK_CHAT, "tools": [{"type": "function"}]}, 400, "tools"),
     ("unknown model", "chat", {**OK_CHAT, "model": "gpt-4"}, 404, "model"),

@@ -1,0 +1,84 @@
+"""Logprobs of returned tokens in OpenAI's two formats.
+
+The numbers come from the engine (``TokenLogprob``): each token's
+log-probability under the model's distribution at the position and
+denoising step that committed it, and the likeliest tokens there. Here they
+are only laid out: the legacy completions object (``tokens``,
+``token_logprobs``, ``top_logprobs``, ``text_offset``) or the chat one
+(``content: [{token, logprob, bytes, top_logprobs}]``), for a range of a
+choice's tokens, so a stream sends each token's logprobs with its text.
+"""
+from __future__ import annotations
+
+from server.api.choices import Choice, Decode
+
+# JSON has no -Infinity; a token the model rules out gets this floor instead
+# (vLLM's choice).
+LOGPROB_FLOOR = -9999.0
+
+
+def _finite(x: float) -> float:
+    return x if x > LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
+def completion_logprobs(tok, decode: Decode, c: Choice, start: int, end: int) -> dict:
+    """The legacy object for tokens [start, end) of a choice; ``text_offset``
+    is each token's start in the choice's text."""
+    ids, lps = c.token_ids[start:end], c.logprobs[start:end]
+    pieces = tok.token_pieces(ids)
+    alt_ids = [t for lp in lps for t, _ in lp.top]
+    alt_pieces = iter(tok.token_pieces(alt_ids))
+    top = [{next(alt_pieces): _finite(v) for _, v in lp.top} for lp in lps]
+    return {"tokens": pieces, "token_logprobs": [_finite(lp.logprob) for lp in lps], "top_logprobs": top,
+            "text_offset": [len(decode(c.token_ids[:i])) for i in range(start, end)]}
+
+
+def chat_logprobs(tok, c: Choice, start: int, end: int) -> dict:
+    """The chat object for tokens [start, end) of a choice."""
+    ids, lps = c.token_ids[start:end], c.logprobs[start:end]
+
+    def entries(token_ids: list[int], values: list[float]) -> list[dict]:
+        return [{"token": p, "logprob": _finite(v), "bytes": list(b)}
+                for p, v, b in zip(tok.token_pieces(token_ids), values, tok.token_bytes(token_ids))]
+
+    content = entries(ids, [lp.logprob for lp in lps])
+    alts = entries([t for lp in lps for t, _ in lp.top], [v for lp in lps for _, v in lp.top])
+    i = 0
+    for entry, lp in zip(content, lps):
+        entry["top_logprobs"] = alts[i:i + len(lp.top)]
+        i += len(lp.top)
+    return {"content": content, "refusal": None}
+
+
+def ready_tokens(c: Choice, decode: Decode, final: bool) -> int:
+    """How many of a choice's tokens have their text streamed already (their
+    logprobs go out with it); when final, all the tokens returned."""
+    if final:
+        return c.completion_tokens(decode)
+    sent = c.text[:c.sent]
+    n = c.num_logprobs_sent
+    while n < len(c.token_ids):
+        text = decode(c.token_ids[:n + 1])
+        if len(text) > len(sent) or not sent.startswith(text):
+            break
+        n += 1
+    return n
+
+
+def logprobs_delta(kind: str, tok, decode: Decode, c: Choice, final: bool) -> dict | None:
+    """The logprobs of the tokens a stream has not sent yet whose text it has
+    (None when the choice did not ask)."""
+    if c.logprobs is None:
+        return None
+    start, end = c.num_logprobs_sent, ready_tokens(c, decode, final)
+    c.num_logprobs_sent = max(start, end)
+    if kind == "chat":
+        return chat_logprobs(tok, c, start, end)
+    return completion_logprobs(tok, decode, c, start, end)
+
+
+def final_logprobs(kind: str, tok, decode: Decode, c: Choice) -> dict | None:
+    if c.logprobs is None:
+        return None
+    end = c.completion_tokens(decode)
+    return chat_logprobs(tok, c, 0, end) if kind == "chat" else completion_logprobs(tok, decode, c, 0, end)
