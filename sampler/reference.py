@@ -54,7 +54,8 @@ def generate(
     temperature: float = 0.0,
     cfg_scale: float = 0.0,
     remasking: str = "low_confidence",
-    mask_id: int = 126336,
+    *,
+    mask_id: int,  # the checkpoint's mask_token_id
     seed: int | list[int] = 0,
 ) -> torch.Tensor:
     batch, prompt_len = prompt.shape
@@ -169,7 +170,7 @@ def get_logits(model, batch, prompt_index, cfg_scale, mask_id):
 @torch.no_grad()
 def get_log_likelihood(model: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], prompt: torch.Tensor,
                        answer: torch.Tensor, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.,
-                       mask_id: int = 126336, seed: int = 0) -> float:
+                       *, mask_id: int, seed: int = 0) -> float:
     seq = torch.concatenate([prompt, answer])[None, :]
     seq = seq.repeat((batch_size, 1))
     prompt_index = torch.arange(seq.shape[1]) < len(prompt)
@@ -191,8 +192,8 @@ def get_log_likelihood(model: Callable[[torch.Tensor, torch.Tensor | None], torc
 
 @torch.no_grad()
 def suffix_greedy_prediction(model: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
-                             prefix: torch.Tensor, target: torch.Tensor, cfg_scale: float = 0.,
-                             mask_id: int = 126336) -> bool:
+                             prefix: torch.Tensor, target: torch.Tensor, cfg_scale: float,
+                             mask_id: int) -> bool:
     seq = torch.full((1, len(prefix) + len(target)), mask_id)
     prompt_index = torch.arange(seq.shape[1]) < len(prefix)
     seq[0, :len(prefix)] = prefix

@@ -58,8 +58,9 @@ def llada2_generate(
     temperature: float = 0.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    mask_id: int = 156895,
-    eos_id: int | None = 156892,
+    *,
+    mask_id: int,  # the checkpoint's mask_token_id
+    eos_id: int | None,  # its generation config's eos_token_id
     editing_threshold: float | None = None,
     max_post_steps: int = 16,
     num_to_transfer: int = 1,
@@ -129,11 +130,13 @@ def dream_generate(
     temperature: float = 0.0,
     top_p: float | None = None,
     top_k: int | None = None,
-    mask_id: int = 151666,
+    mask_id: int | None = None,  # the checkpoint's mask_token_id (required)
     draws: list[list[float]] | None = None,  # origin: each step's torch.rand values, masked positions row-major
     seed: int = 0,
 ) -> torch.Tensor:
     """The whole final canvas (batch, P + max_new_tokens)."""
+    if mask_id is None:
+        raise TypeError("dream_generate: mask_id is required (the checkpoint's mask_token_id)")
     batch, P = prompt.shape
     x = torch.cat([prompt, torch.full((batch, max_new_tokens), mask_id, dtype=torch.long)], dim=1)
     timesteps = torch.tensor(dream_timesteps(steps, eps), dtype=torch.float32)

@@ -2,8 +2,10 @@
 
 Loaded offline from the checkpoint directory with transformers'
 AutoTokenizer (no remote code). A checkpoint without tokenizer files still
-serves token-id prompts; text then is None. EOS/EoT ids come from the
-model's own files (config, generation config, tokenizer), never hard-coded.
+serves token-id prompts; text then is None. The chat template is the
+checkpoint's own (``chat_template`` in tokenizer_config.json, or
+chat_template.jinja). EOS/EoT ids come from the model's own files (config,
+generation config, tokenizer, chat template), never from a list of names.
 """
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-_END_TOKENS = ("<|eot_id|>", "<|endoftext|>", "<|im_end|>")
+# Stands for an assistant turn's text when the chat template is rendered to
+# find the token it closes a turn with; no template or tokenizer knows it.
+_TURN_PROBE = "\u2063llada-serve-turn-probe\u2063"
 
 
 def _byte_of_char() -> dict[str, int]:
@@ -100,12 +104,28 @@ class Tokenizer:
         return out
 
     def end_ids(self) -> set[int]:
-        ids = set()
-        if self.hf.eos_token_id is not None:
-            ids.add(self.hf.eos_token_id)
-        vocab = self.hf.get_vocab()
-        ids.update(vocab[t] for t in _END_TOKENS if t in vocab)
-        return ids
+        """The tokenizer's EOS and the chat template's end-of-turn token."""
+        ids = set() if self.hf.eos_token_id is None else {self.hf.eos_token_id}
+        turn_end = self.end_of_turn_id()
+        return ids if turn_end is None else ids | {turn_end}
+
+    def end_of_turn_id(self) -> int | None:
+        """The special token the chat template writes right after an
+        assistant turn's text (``<|eot_id|>`` for LLaDA, ``<|im_end|>`` for
+        Dream, ``<|role_end|>`` for LLaDA-MoE and LLaDA2), found by rendering
+        a conversation whose answer is a probe string; None when the
+        template has none (or no template)."""
+        if not getattr(self.hf, "chat_template", None):
+            return None
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _TURN_PROBE}]
+        try:
+            text = self.hf.apply_chat_template(messages, tokenize=False)
+        except Exception:  # a template that refuses this conversation says nothing about its turn end
+            return None
+        _, found, tail = text.partition(_TURN_PROBE)
+        ids = self._encode(tail, add_special_tokens=False) if found else []
+        special = {i for i, t in self.hf.added_tokens_decoder.items() if t.special} | set(self.hf.all_special_ids)
+        return ids[0] if ids and ids[0] in special else None
 
 
 _BYTE_OF_CHAR = _byte_of_char()
@@ -113,7 +133,8 @@ _BYTE_OF_CHAR = _byte_of_char()
 
 def stop_token_ids(path: Path, raw_config: dict[str, Any], tokenizer: Tokenizer | None) -> frozenset[int]:
     """Every id that ends an answer: EOS from config.json and
-    generation_config.json (an int or a list), EOS and EoT from the tokenizer."""
+    generation_config.json (an int or a list), the tokenizer's EOS and the
+    end-of-turn token its chat template closes an answer with."""
     ids: set[int] = set()
 
     def add(value: Any) -> None:

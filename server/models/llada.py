@@ -29,14 +29,14 @@ class LLaDAConfig:
     n_layers: int
     mlp_hidden_size: int
     vocab_size: int
+    mask_token_id: int
     n_kv_heads: int | None = None
     embedding_size: int | None = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     max_sequence_length: int = 4096
-    mask_token_id: int = 126336
-    eos_token_id: int | None = 126081
-    pad_token_id: int | None = 126081
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
     torch_dtype: str | None = None
     weight_tying: bool = False
     # > 0: block-causal attention (LLaDA2-style: causal across blocks of this
@@ -62,8 +62,14 @@ class LLaDAConfig:
         for key, supported in cls._UNSUPPORTED.items():
             if key in raw and raw[key] != supported and not (supported is None and raw[key] is False):
                 raise ValueError(f"{source}: {key}={raw[key]!r} is not supported (only {supported!r})")
+        merged = dict(raw)  # ids config.json lacks come from generation_config.json, else it is an error
+        for key in ("mask_token_id", "eos_token_id"):
+            if merged.get(key) is None and (generation or {}).get(key) is not None:
+                merged[key] = generation[key]
+        if merged.get("mask_token_id") is None:
+            raise ValueError(f"{source}: no mask_token_id in config.json or generation_config.json")
         names = {f for f in cls.__dataclass_fields__ if f != "extra"}
-        cfg = cls(**{k: v for k, v in raw.items() if k in names and not k.startswith("_")},
+        cfg = cls(**{k: v for k, v in merged.items() if k in names and not k.startswith("_")},
                   extra={k: v for k, v in raw.items() if k not in names})
         cfg.validate(source)
         return cfg

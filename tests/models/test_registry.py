@@ -43,3 +43,15 @@ def test_mask_id_only_in_generation_config_is_required():
 def test_fields_that_change_the_math_are_refused(name, field, value):
     with pytest.raises(ValueError, match=f"{field}="):
         registry.resolve(raw(name) | {field: value}, "config.json", generation(name))
+
+
+def test_llada_ids_come_from_the_checkpoint_never_from_defaults():
+    """A LLaDA config without mask_token_id takes it (and EOS) from
+    generation_config.json; with neither it is an error, not LLaDA-8B's ids."""
+    config = {k: v for k, v in raw("llada").items() if k not in ("mask_token_id", "eos_token_id")}
+    _, cfg = registry.resolve(config, "config.json", {"mask_token_id": 17, "eos_token_id": [5, 6]})
+    assert (cfg.mask_token_id, cfg.eos_token_id) == (17, [5, 6])
+    with pytest.raises(ValueError, match="no mask_token_id"):
+        registry.resolve(config, "config.json", generation("llada"))
+    _, cfg = registry.resolve(config | {"mask_token_id": 9}, "config.json", None)
+    assert cfg.eos_token_id is None
