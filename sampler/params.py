@@ -29,6 +29,16 @@ SCHEDULES = ("llada", "llada2", "dream")
 MAX_LOGPROBS = 20
 
 
+class ParamError(ValueError):
+    """A bad setting: ``field`` is the parameter's own name (callers that
+    call it something else, such as the HTTP API, name it their way);
+    ``message`` says what is wrong without naming it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
 @dataclass
 class DiffusionParams:
     gen_length: int = 128  # canvas tokens after the prompt (OpenAI's max_tokens)
@@ -51,6 +61,7 @@ class DiffusionParams:
     alg_temp: float = 0.0  # dream: > 0 draws which positions commit, softmax(confidence / alg_temp)
     eps: float = 1e-3  # dream: the last timestep
     logprobs: int | None = None  # report each answer token's logprob and this many likeliest alternatives; None = off
+    stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one its final text holds
 
     def __post_init__(self) -> None:
         self.validate()
@@ -63,7 +74,7 @@ class DiffusionParams:
         """Raises ValueError naming the first bad field."""
         def check(ok: bool, field: str, msg: str) -> None:
             if not ok:
-                raise ValueError(f"{field}: {msg}")
+                raise ParamError(field, msg)
 
         for name in ("gen_length", "block_length"):
             value = getattr(self, name)
@@ -76,8 +87,8 @@ class DiffusionParams:
         check(self.schedule in SCHEDULES, "schedule",
               f"unknown schedule {self.schedule!r}; one of {', '.join(SCHEDULES)}")
         check(self.schedule != "llada" or steps >= num_blocks, "steps",
-              f"{steps} steps cannot cover {num_blocks} blocks (gen_length {self.gen_length} / "
-              f"block_length {self.block_length}); use at least one step per block")
+              f"{steps} steps cannot cover {num_blocks} blocks (a canvas of {self.gen_length} tokens in blocks "
+              f"of {self.block_length}); use at least one step per block")
         check(isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100, "temperature",
               f"must be a number in [0, 100], got {self.temperature!r}")
         check(isinstance(self.top_k, int) and not isinstance(self.top_k, bool) and -1 <= self.top_k < 2**31, "top_k",
@@ -124,6 +135,8 @@ class DiffusionParams:
         check(self.logprobs is None or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                         and 0 <= self.logprobs <= MAX_LOGPROBS), "logprobs",
               f"must be an integer in [0, {MAX_LOGPROBS}] or null, got {self.logprobs!r}")
+        check(isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop), "stop",
+              f"must be a tuple of non-empty strings, got {self.stop!r}")
         check(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be a boolean, got {self.ignore_eos!r}")
         check(self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
                                     and -2**63 <= self.seed < 2**64), "seed",
@@ -158,16 +171,16 @@ class LikelihoodParams:
             return isinstance(v, int) and not isinstance(v, bool)
 
         if not (is_int(self.mc_num) and 1 <= self.mc_num <= 65536):
-            raise ValueError(f"mc_num: must be an integer in [1, 65536], got {self.mc_num!r}")
+            raise ParamError("mc_num", f"must be an integer in [1, 65536], got {self.mc_num!r}")
         if self.batch_size is not None:
             if not (is_int(self.batch_size) and self.batch_size >= 1):
-                raise ValueError(f"batch_size: must be a positive integer, got {self.batch_size!r}")
+                raise ParamError("batch_size", f"must be a positive integer, got {self.batch_size!r}")
             if self.mc_num % self.batch_size:
-                raise ValueError(f"batch_size: must divide mc_num ({self.mc_num}), got {self.batch_size}")
+                raise ParamError("batch_size", f"must divide mc_num ({self.mc_num}), got {self.batch_size}")
         if not (isinstance(self.cfg_scale, (int, float)) and not isinstance(self.cfg_scale, bool)
                 and 0 <= self.cfg_scale <= 100):
-            raise ValueError(f"cfg_scale: must be a number in [0, 100], got {self.cfg_scale!r}")
+            raise ParamError("cfg_scale", f"must be a number in [0, 100], got {self.cfg_scale!r}")
         if not isinstance(self.check_greedy, bool):
-            raise ValueError(f"check_greedy: must be a boolean, got {self.check_greedy!r}")
+            raise ParamError("check_greedy", f"must be a boolean, got {self.check_greedy!r}")
         if self.seed is not None and not (is_int(self.seed) and -2**63 <= self.seed < 2**64):
-            raise ValueError(f"seed: must be an integer that fits in 64 bits, got {self.seed!r}")
+            raise ParamError("seed", f"must be an integer that fits in 64 bits, got {self.seed!r}")

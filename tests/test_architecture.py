@@ -47,3 +47,23 @@ def test_transformers_does_not_take_our_kernels_for_hf_kernels():
             "assert not hasattr(kernels, '__version__'); print(u.is_kernels_available())")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_api_reaches_the_engine_only_through_its_client_surface():
+    """server/api sees the engine as AsyncEngine's small surface (facts,
+    validate, submit, abort, ready/dead/queue state): never the LLMEngine it
+    runs on its own thread, nor that engine's scheduler, runner or model."""
+    import ast
+    import re
+
+    surface = {"facts", "validate", "validate_likelihood", "submit", "submit_likelihood", "abort", "is_ready",
+               "is_dead", "num_waiting", "max_queued_requests", "for_model"}
+    for path in sorted((REPO / "server" / "api").glob("*.py")):
+        text = path.read_text()
+        assert "LLMEngine" not in text and "server.engine.engine" not in text, path
+        assert not re.search(r"\.engine\.engine\b|\.(scheduler|runner)\b", text), path
+        for node in ast.walk(ast.parse(text)):
+            # x.engine.<attr> and self.engine.<attr>: only the surface
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == "engine":
+                assert node.attr in surface, f"{path.name}: .engine.{node.attr}"

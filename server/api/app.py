@@ -263,9 +263,9 @@ def build_app(state: ServerState, metrics) -> FastAPI:
         return JSONResponse(await state.loglikelihood.run(body, request))
 
     def model_card() -> dict:
-        engine = state.engine.engine
+        facts = state.engine.facts
         return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
-                "root": state.model_name, "max_model_len": engine.max_model_len if engine else None}
+                "root": state.model_name, "max_model_len": facts.max_model_len if facts else None}
 
     @app.get("/v1/models", dependencies=auth, responses=openapi.errors(openapi.MODELS))
     async def models():
@@ -285,13 +285,13 @@ def build_app(state: ServerState, metrics) -> FastAPI:
             ids = serving.chat_prompt(ChatCompletionRequest(messages=body.messages))
         else:
             ids = serving.tokenizer.encode(body.prompt, body.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.engine.engine.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": serving.max_model_len}
 
     @app.post("/detokenize", dependencies=auth, responses=openapi.errors(openapi.TOKENIZER))
     async def detokenize(body: DetokenizeRequest):
         check_available()
         check_model(body.model)
-        vocab = state.engine.engine.vocab_size
+        vocab = state.serving.facts.vocab_size
         bad = [t for t in body.tokens if not 0 <= t < vocab]
         if bad:
             raise APIError.bad_request(f"tokens: id {bad[0]} is outside the vocabulary [0, {vocab})", "tokens")

@@ -34,6 +34,14 @@ class APIError(Exception):
             param = m.group(1) if m else None
         return cls(400, message, "invalid_request_error", param, "invalid_value")
 
+    @classmethod
+    def refused(cls, error, names: dict[str, str] | None = None) -> "APIError":
+        """A 400 for a setting the engine or sampler refused (a ParamError:
+        its ``field`` in their names, its ``message``), naming the field as
+        the client sent it (``names``: theirs -> the client's)."""
+        field = (names or {}).get(error.field, error.field)
+        return cls.bad_request(f"{field}: {error.message}", field)
+
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 

@@ -88,18 +88,14 @@ def serve(args) -> int:
     model_name = server_config.served_model_name or args.model
     metrics = Metrics(model_name)
 
-    def make_engine():
-        from server.engine.engine import LLMEngine
-
-        return LLMEngine(model_config, scheduler_config)
-
     def on_fatal(error: BaseException) -> None:
         logger.error("engine failed (%s): exiting", error)
         server.should_exit = True
 
     # The server exists before the engine thread starts, so a model that fails
     # to load (or a loop that dies) always has a server to stop.
-    engine = AsyncEngine(make_engine, metrics, server_config.max_queued_requests, on_fatal)
+    engine = AsyncEngine.for_model(model_config, scheduler_config, metrics, server_config.max_queued_requests,
+                                   on_fatal)
     state = ServerState(engine, server_config, model_name)
     uv_config = uvicorn.Config(build_app(state, metrics), host=server_config.host, port=server_config.port,
                                log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 from pydantic import Field, StrictBool, StrictInt
 
-from sampler.params import LikelihoodParams
+from sampler.params import LikelihoodParams, ParamError
 from server.api.errors import APIError
 from server.api.protocol import RequestBody
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
@@ -62,7 +62,8 @@ class LoglikelihoodServing:
         ctx, cont = pair.context, pair.continuation
         if isinstance(ctx, list) and isinstance(cont, list):
             return list(ctx), list(cont)
-        tok = self.engine.engine.tokenizer
+        facts = self.engine.facts
+        tok = facts.tokenizer if facts is not None else None
         if tok is None:
             raise APIError.bad_request(f"requests[{index}]: this model has no tokenizer: send token-id lists",
                                        f"requests[{index}]")
@@ -82,33 +83,33 @@ class LoglikelihoodServing:
         try:
             params = LikelihoodParams(mc_num=body.mc_num, batch_size=body.batch_size, cfg_scale=body.cfg_scale,
                                       check_greedy=body.check_greedy, seed=body.seed)
-        except ValueError as e:
-            raise APIError.bad_request(str(e)) from None
+        except ParamError as e:
+            raise APIError.refused(e) from None
         resp_id = "ll-" + uuid.uuid4().hex
-        reqs = []
+        pairs = []
         for i, pair in enumerate(body.requests):
             ctx, cont = self._encode(pair, body.add_special_tokens, i)
             try:
-                reqs.append(self.engine.make_likelihood_request(f"{resp_id}-{i}", ctx, cont, params))
-            except ValueError as e:
-                field, _, msg = str(e).partition(": ")
-                raise APIError.bad_request(f"requests[{i}].{field}: {msg}", f"requests[{i}].{field}") from None
+                self.engine.validate_likelihood(ctx, cont, params)
+            except ParamError as e:
+                raise APIError.refused(e, {e.field: f"requests[{i}].{e.field}"}) from None
             except (EngineDeadError, EngineNotReadyError) as e:
                 raise APIError(503, str(e), "server_error", None, "unavailable") from None
-        if self.engine.num_waiting + len(reqs) > self.engine.max_queued_requests:
+            pairs.append((f"{resp_id}-{i}", ctx, cont))
+        if self.engine.num_waiting + len(pairs) > self.engine.max_queued_requests:
             raise APIError(429, *QUEUE_FULL)
         streams = []
         try:
-            for r in reqs:
-                streams.append(self.engine.submit(r))
+            for req_id, ctx, cont in pairs:
+                streams.append(self.engine.submit_likelihood(req_id, ctx, cont, params))
         except (QueueFullError, EngineDeadError, EngineNotReadyError) as e:
-            for r in reqs[:len(streams)]:
-                self.engine.abort(r.req_id)
+            for req_id, _, _ in pairs[:len(streams)]:
+                self.engine.abort(req_id)
             if isinstance(e, QueueFullError):
                 raise APIError(429, *QUEUE_FULL) from None
             raise APIError(503, str(e), "server_error", None, "unavailable") from None
         results = await self._collect(streams, raw_request)
-        used = sum(r.prompt_len for r in reqs)
+        used = sum(len(ctx) + len(cont) for _, ctx, cont in pairs)
         return {"id": resp_id, "object": "loglikelihood", "created": int(time.time()), "model": self.model_name,
                 "results": results, "usage": {"prompt_tokens": used, "total_tokens": used}}
 

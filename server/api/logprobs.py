@@ -54,7 +54,7 @@ def ready_tokens(c: Choice, decode: Decode, final: bool) -> int:
     """How many of a choice's tokens have their text streamed already (their
     logprobs go out with it); when final, all the tokens returned."""
     if final:
-        return c.completion_tokens(decode)
+        return len(c.token_ids)
     sent = c.text[:c.sent]
     n = c.num_logprobs_sent
     while n < len(c.token_ids):
@@ -80,5 +80,5 @@ def logprobs_delta(kind: str, tok, decode: Decode, c: Choice, final: bool) -> di
 def final_logprobs(kind: str, tok, decode: Decode, c: Choice) -> dict | None:
     if c.logprobs is None:
         return None
-    end = c.completion_tokens(decode)
+    end = len(c.token_ids)
     return chat_logprobs(tok, c, 0, end) if kind == "chat" else completion_logprobs(tok, decode, c, 0, end)

@@ -3,9 +3,9 @@ requests and back, non-streamed or as server-sent events.
 
 A token is streamed once it is *final*: committed, with every position
 before it committed. Text is decoded incrementally from the final prefix,
-holding back an incomplete UTF-8 character and anything that could still
-turn into a stop string. A stop string inside the final text ends the
-choice there (the engine request is aborted: nothing after it can matter).
+holding back an incomplete UTF-8 character. Stop strings are the engine's
+(server/engine/stop_strings.py): it ends the answer at the first one and
+reports only text that no stop string can take back.
 
 With ``stream_options.include_denoising`` a stream also carries, before each
 step's content, one ``denoising.step`` event per denoising step of each
@@ -28,26 +28,18 @@ import uuid
 from dataclasses import replace
 from typing import Any, AsyncIterator
 
-from sampler.params import DiffusionParams
+from sampler.params import DiffusionParams, ParamError
 from server.api.choices import Choice
 from server.api.errors import APIError
 from server.api.logprobs import final_logprobs, logprobs_delta
 from server.api.protocol import WHY_UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DiffusionFields
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
-from server.engine.request import RequestStatus
+from server.engine.facts import ModelFacts
 
 QUEUE_FULL = ("the server is at capacity: too many queued requests, retry later", "rate_limit_error", None,
               "queue_full", {"Retry-After": "1"})
 
 logger = logging.getLogger("llada_serve.requests")
-
-
-def _renamed(message: str, field: str) -> str:
-    """An engine message about the canvas length (``gen_length``,
-    ``max_tokens``) in the name the client used for it."""
-    for engine_name in ("gen_length", "max_tokens"):
-        message = message.replace(engine_name, field)
-    return message
 
 
 class OpenAIServing:
@@ -57,8 +49,16 @@ class OpenAIServing:
         self.model_name = model_name
 
     @property
+    def facts(self) -> ModelFacts:
+        """The model's facts (routes check the engine is ready first)."""
+        facts = self.engine.facts
+        if facts is None:
+            raise APIError(503, "the model is still loading", "server_error", None, "loading", {"Retry-After": "5"})
+        return facts
+
+    @property
     def tokenizer(self):
-        tok = self.engine.engine.tokenizer
+        tok = self.facts.tokenizer
         if tok is None:
             raise APIError.bad_request("this model has no tokenizer: send prompts as token ids", "prompt")
         return tok
@@ -66,7 +66,7 @@ class OpenAIServing:
     # -- requests -> engine ---------------------------------------------------------------
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.facts.max_model_len
 
     def check_common(self, req: DiffusionFields) -> None:
         if req.model is not None and req.model != self.model_name:
@@ -89,7 +89,7 @@ class OpenAIServing:
         if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
             steps = max(steps, -(-gen_length // (req.block_length or cfg.default_block_length)))
         name = self.max_tokens_field(req)
-        if req.logprobs and self.engine.engine.tokenizer is None:
+        if req.logprobs and self.facts.tokenizer is None:
             raise APIError.bad_request("logprobs: this model has no tokenizer to spell the tokens", "logprobs")
         if not isinstance(gen_length, int) or gen_length < 1:
             raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)
@@ -105,9 +105,10 @@ class OpenAIServing:
                 factor=req.factor if req.factor is not None else 1.0,
                 seed=None if req.seed is None else (req.seed + choice) % 2**63, ignore_eos=req.ignore_eos,
                 logprobs=req.num_logprobs(),
+                stop=tuple(req.stop_list()),
             )
-        except ValueError as e:
-            raise APIError.bad_request(_renamed(str(e), name)) from None
+        except ParamError as e:
+            raise APIError.refused(e, {"gen_length": name}) from None
 
     def num_prompts(self, req: CompletionRequest | ChatCompletionRequest) -> int:
         p = getattr(req, "prompt", None)
@@ -175,33 +176,34 @@ class OpenAIServing:
         self.check_prompt_lengths(prompts)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         resp_id = prefix + uuid.uuid4().hex
-        engine_reqs, choices = [], []
         base = self.params(req, max_tokens, 0)
-        name = self.max_tokens_field(req)
+        for prompt in prompts:  # the choices of a prompt differ only in their seeds
+            try:
+                self.engine.validate(prompt, base)
+            except ParamError as e:
+                raise APIError.refused(e, {"gen_length": self.max_tokens_field(req)}) from None
+            except (EngineDeadError, EngineNotReadyError) as e:
+                raise APIError(503, str(e), "server_error", None, "unavailable") from None
+        choices, submissions = [], []
         for p_idx, prompt in enumerate(prompts):
+            blocks = self.facts.blocks(len(prompt), base)
             for i in range(req.n):
                 index = p_idx * req.n + i
                 # Each choice its own noise: seed + index, or a fresh draw.
                 params = base if index == 0 else \
                     replace(base, seed=None if req.seed is None else (req.seed + index) % 2**63)
-                try:
-                    engine_reqs.append(self.engine.make_request(f"{resp_id}-{index}", prompt, params))
-                except ValueError as e:
-                    raise APIError.bad_request(_renamed(str(e), name)) from None
-                except (EngineDeadError, EngineNotReadyError) as e:
-                    raise APIError(503, str(e), "server_error", None, "unavailable") from None
-                choices.append(Choice(index, engine_reqs[-1].req_id, len(prompt), req.stop_list(),
-                                      blocks=list(engine_reqs[-1].blocks),
+                choices.append(Choice(index, f"{resp_id}-{index}", len(prompt), blocks=blocks,
                                       logprobs=None if params.logprobs is None else []))
+                submissions.append((prompt, params))
         started = time.monotonic()
         streams = []
         every_step = bool(req.stream and req.stream_options is not None and req.stream_options.include_denoising)
         try:  # queued now, before any response starts: overload is a real 429, streamed or not
-            for r in engine_reqs:
-                streams.append(self.engine.submit(r, every_step))
+            for c, (prompt, params) in zip(choices, submissions):
+                streams.append(self.engine.submit(c.req_id, prompt, params, every_step))
         except (QueueFullError, EngineDeadError, EngineNotReadyError) as e:
-            for r in engine_reqs[:len(streams)]:
-                self.engine.abort(r.req_id)
+            for c in choices[:len(streams)]:
+                self.engine.abort(c.req_id)
             if isinstance(e, QueueFullError):
                 raise APIError(429, *QUEUE_FULL) from None
             raise APIError(503, str(e), "server_error", None, "unavailable") from None
@@ -220,15 +222,10 @@ class OpenAIServing:
                     raise APIError(500, f"the request failed: {out.error}", "server_error", None, "internal_error")
                 if on_step is not None and out.committed is not None:
                     await on_step(choice, out)
-                choice.update(out.token_ids, decode, out.logprobs)
-                if out.finished and choice.finish_reason is None:
-                    choice.finish_reason = out.finish_reason
-                done = choice.finish_reason is not None
+                choice.update(out, decode)
                 if on_update is not None:
-                    await on_update(choice, done)
-                if done:
-                    if choice.stopped_by_string and not out.finished:  # the answer is fixed: free the slot
-                        self.engine.abort(choice.req_id, RequestStatus.FINISHED_STOPPED)
+                    await on_update(choice, out.finished)
+                if out.finished:
                     break
         except (EngineDeadError, EngineNotReadyError) as e:
             raise APIError(503, str(e), "server_error", None, "unavailable") from None
@@ -236,7 +233,7 @@ class OpenAIServing:
             await stream.aclose()
 
     def tokenizer_decode(self, ids: list[int]) -> str:
-        tok = self.engine.engine.tokenizer
+        tok = self.facts.tokenizer
         return tok.decode(ids) if tok is not None else ""
 
     def denoising_event(self, resp_id: str, c: Choice, out) -> dict:
@@ -246,7 +243,7 @@ class OpenAIServing:
         if offsets:  # a step commits only inside its block
             c.block = next(b for b, (start, end) in enumerate(c.blocks) if start <= offsets[0] < end)
         c.num_denoised += 1
-        tok = self.engine.engine.tokenizer
+        tok = self.facts.tokenizer
         pieces = tok.token_pieces(tokens) if tok is not None else [None] * len(tokens)
         confidences = out.confidences if out.confidences is not None else [None] * len(tokens)
         committed = [{"position": p, "token": t, "text": piece, "confidence": None if conf is None else round(conf, 4)}
@@ -280,7 +277,7 @@ class OpenAIServing:
     def final_body(self, kind: str, resp_id: str, req, choices: list[Choice], started: float) -> dict:
         usage = self._usage(req, choices)
         self._log(resp_id, choices, usage, started)
-        tok, decode = self.engine.engine.tokenizer, self.tokenizer_decode
+        tok, decode = self.facts.tokenizer, self.tokenizer_decode
         if kind == "chat":
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
                     "logprobs": final_logprobs(kind, tok, decode, c), "finish_reason": c.finish_reason}
@@ -295,11 +292,10 @@ class OpenAIServing:
 
     def _usage(self, req, choices: list[Choice]) -> dict[str, int]:
         """Tokens billed: each prompt once; per choice its final tokens so far
-        (mid-stream), once finished all of them, or after a stop string the
-        fewest whose text covers what was returned."""
+        (after a stop string the engine keeps only the fewest whose text
+        covers what was returned)."""
         prompt = sum(c.prompt_len for c in choices if c.index % req.n == 0)
-        completion = sum(c.completion_tokens(self.tokenizer_decode) if c.finish_reason else len(c.token_ids)
-                         for c in choices)
+        completion = sum(len(c.token_ids) for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def _log(self, resp_id: str, choices: list[Choice], usage: dict, started: float) -> None:
@@ -328,7 +324,7 @@ class OpenAIServing:
 
         def piece(c: Choice, text: str | None, finish: str | None, role: bool = False) -> dict:
             # the logprobs of the tokens whose text has gone out, this chunk's included
-            lps = None if role else logprobs_delta(kind, self.engine.engine.tokenizer, self.tokenizer_decode, c,
+            lps = None if role else logprobs_delta(kind, self.facts.tokenizer, self.tokenizer_decode, c,
                                                    final=finish is not None)
             if kind == "chat":
                 delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})

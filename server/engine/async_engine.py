@@ -1,8 +1,11 @@
 """AsyncEngine: one engine loop in a background thread, many asyncio callers.
 
 The loop thread owns the LLMEngine (loads it, then steps it whenever there is
-work). Callers hand requests in through a thread-safe inbox and get their
-outputs back through a per-request asyncio queue. A caller that goes away
+work) and all of its state. Callers see a small surface: ``facts`` (an
+immutable snapshot of the model), ``validate``, ``submit`` and ``abort``.
+Requests cross as plain data through a thread-safe inbox and become engine
+state on the loop thread; outputs come back through a per-request asyncio
+queue. A caller that goes away
 (cancelled, client disconnected) aborts its request, which leaves the batch
 before the next step. A failure inside one request fails that request alone;
 if the loop itself dies, every caller gets an error, ``is_dead`` turns true
@@ -20,16 +23,20 @@ import logging
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from sampler.params import DiffusionParams, LikelihoodParams
-from server.engine.messages import RequestOutput
+from server.engine.facts import ModelFacts, RequestError
 from server.engine.likelihood import LikelihoodRequest
+from server.engine.messages import RequestOutput
 from server.engine.request import Request, RequestStatus
 from server.metrics import Metrics
 
 if TYPE_CHECKING:  # the engine (torch) is only built in the loop thread
+    from server.config import ModelConfig
     from server.engine.engine import LLMEngine
+    from server.engine.scheduler import SchedulerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +53,53 @@ class EngineNotReadyError(RuntimeError):
     """The model is still loading."""
 
 
+@dataclass
+class _Submission:
+    """A request as a caller hands it over: plain data, built into engine
+    state on the engine thread."""
+
+    req_id: str
+    kind: str  # generation | loglikelihood
+    args: tuple  # (prompt_ids, params) or (context_ids, continuation_ids, params)
+    arrival_time: float
+
+
 class AsyncEngine:
+    """The engine as the server's event loop sees it: ``facts`` (an immutable
+    snapshot of the model, once loaded), ``validate``, ``submit``, ``abort``,
+    and the ready/dead/queue state. Every method here is safe on any thread;
+    the LLMEngine itself (``engine``) belongs to the engine thread, and only
+    tests reach into it."""
+
     def __init__(self, engine_factory: Callable[[], "LLMEngine"], metrics: Metrics, max_queued_requests: int = 256,
                  on_fatal: Callable[[BaseException], None] | None = None):
         self._factory = engine_factory
         self.metrics = metrics
         self.max_queued_requests = max_queued_requests
         self.on_fatal = on_fatal
-        self.engine = None  # set by the loop thread once loaded
+        self.engine: "LLMEngine | None" = None  # the engine thread's; set once loaded
+        self.facts: ModelFacts | None = None  # set once loaded, never changed
         self.dead: BaseException | None = None
         self._inbox: deque[tuple[str, object]] = deque()
         self._wake = threading.Event()
         self._stop = False
-        self._requests: dict[str, Request] = {}  # live requests, by req_id
+        self._queued: set[str] = set()  # submitted, not yet admitted nor finished (set ops are atomic)
+        self._requests: dict[str, Request | LikelihoodRequest] = {}  # engine thread: live requests, by req_id
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._every_step: set[str] = set()  # req_ids whose caller wants every step's output
         self._thread = threading.Thread(target=self._run, name="llada-engine", daemon=True)
+
+    @classmethod
+    def for_model(cls, model_config: "ModelConfig", scheduler_config: "SchedulerConfig", metrics: Metrics,
+                  max_queued_requests: int = 256,
+                  on_fatal: Callable[[BaseException], None] | None = None) -> "AsyncEngine":
+        """An engine that loads ``model_config``'s model on its own thread once started."""
+        def build() -> "LLMEngine":
+            from server.engine.engine import LLMEngine
+
+            return LLMEngine(model_config, scheduler_config)
+
+        return cls(build, metrics, max_queued_requests, on_fatal)
 
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> "AsyncEngine":
@@ -75,7 +113,7 @@ class AsyncEngine:
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.dead is None
+        return self.facts is not None and self.dead is None
 
     @property
     def is_dead(self) -> bool:
@@ -83,41 +121,55 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return sum(1 for r in list(self._requests.values()) if r.status == RequestStatus.WAITING)
+        """Requests submitted and not yet admitted to the batch."""
+        return len(self._queued)
 
-    # -- callers (event loop thread) -----------------------------------------------
-    def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
-        """Validates a request (ValueError naming the field) without queueing it."""
-        self._check_alive()
-        return self.engine.make_request(req_id, prompt_ids, params)
+    # -- callers (any thread; submit from an event loop) ------------------------------------
+    def validate(self, prompt_ids: list[int], params: DiffusionParams) -> None:
+        """Raises RequestError (naming the engine's field) if the request
+        could never run, EngineDeadError or EngineNotReadyError."""
+        self._check_alive().check_generation(prompt_ids, params)
 
-    def make_likelihood_request(self, req_id: str, context_ids: list[int], continuation_ids: list[int],
-                                params: LikelihoodParams) -> LikelihoodRequest:
-        """Validates a likelihood request (ValueError naming the field) without queueing it."""
-        self._check_alive()
-        return self.engine.make_likelihood_request(req_id, context_ids, continuation_ids, params)
+    def validate_likelihood(self, context_ids: list[int], continuation_ids: list[int],
+                            params: LikelihoodParams) -> None:
+        """Raises RequestError if the pair could never be scored (or the engine is not up)."""
+        self._check_alive().check_likelihood(context_ids, continuation_ids, params)
 
-    def submit(self, req: Request | LikelihoodRequest, every_step: bool = False) -> AsyncIterator[RequestOutput]:
-        """Queues ``req`` now (raising QueueFullError, EngineDeadError or
-        EngineNotReadyError at once) and returns the iterator of its outputs,
-        which ends with the finished one: those that add final tokens, or
-        with ``every_step`` one per step. Leaving the iteration early aborts
-        the request; so does ``abort`` for a stream never iterated."""
+    def submit(self, req_id: str, prompt_ids: list[int], params: DiffusionParams,
+               every_step: bool = False) -> AsyncIterator[RequestOutput]:
+        """Queues a generation now (raising QueueFullError, EngineDeadError
+        or EngineNotReadyError at once) and returns the iterator of its
+        outputs, which ends with the finished one: those that add final
+        tokens, or with ``every_step`` one per step. A request the engine
+        refuses finishes at once with finish_reason "error". Leaving the
+        iteration early aborts the request; so does ``abort`` for a stream
+        never iterated."""
+        return self._submit(_Submission(req_id, "generation", (list(prompt_ids), params), time.monotonic()),
+                            len(prompt_ids), every_step)
+
+    def submit_likelihood(self, req_id: str, context_ids: list[int], continuation_ids: list[int],
+                          params: LikelihoodParams) -> AsyncIterator[RequestOutput]:
+        """Queues a likelihood estimate, as ``submit`` does a generation."""
+        sub = _Submission(req_id, "loglikelihood", (list(context_ids), list(continuation_ids), params),
+                          time.monotonic())
+        return self._submit(sub, len(context_ids) + len(continuation_ids), False)
+
+    def _submit(self, sub: _Submission, num_prompt_tokens: int, every_step: bool) -> AsyncIterator[RequestOutput]:
         self._check_alive()
         if self.num_waiting >= self.max_queued_requests:
             raise QueueFullError(f"the waiting queue is full ({self.max_queued_requests} requests)")
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[req.req_id] = (asyncio.get_running_loop(), queue)
-        self._requests[req.req_id] = req
+        self._streams[sub.req_id] = (asyncio.get_running_loop(), queue)
+        self._queued.add(sub.req_id)
         if every_step:
-            self._every_step.add(req.req_id)
+            self._every_step.add(sub.req_id)
         if self.dead is not None:  # the loop died between the check and the registration
-            self._forget(req.req_id)
+            self._forget(sub.req_id)
             self._check_alive()
-        self.metrics.prompt_tokens.inc(req.prompt_len)
-        self.metrics.request(req.kind)
-        self._post("add", req)
-        return self._outputs(req.req_id, queue)
+        self.metrics.prompt_tokens.inc(num_prompt_tokens)
+        self.metrics.request(sub.kind)
+        self._post("add", sub)
+        return self._outputs(sub.req_id, queue)
 
     async def _outputs(self, req_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
@@ -134,21 +186,22 @@ class AsyncEngine:
             if not finished:
                 self.abort(req_id)
 
-    def abort(self, req_id: str, reason: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
-        """Stops a request before the engine's next step (``reason`` is what
-        the metrics record: an abort, or a stop string found by the caller)."""
+    def abort(self, req_id: str) -> None:
+        """Stops a request before the engine's next step."""
         self._forget(req_id)
-        self._post("abort", (req_id, reason))
+        self._post("abort", req_id)
 
     def _forget(self, req_id: str) -> None:
         self._streams.pop(req_id, None)
         self._every_step.discard(req_id)
 
-    def _check_alive(self) -> None:
+    def _check_alive(self) -> ModelFacts:
         if self.dead is not None:
             raise EngineDeadError(f"the engine loop has died: {self.dead}")
-        if self.engine is None:
+        facts = self.facts
+        if facts is None:
             raise EngineNotReadyError("the model is still loading")
+        return facts
 
     def _post(self, verb: str, arg: object) -> None:
         self._inbox.append((verb, arg))
@@ -159,6 +212,7 @@ class AsyncEngine:
         error: BaseException = EngineDeadError("the engine was shut down")
         try:
             self.engine = self._factory()
+            self.facts = self.engine.facts
             logger.info("engine ready")
             while not self._stop:
                 self._drain_inbox()
@@ -184,21 +238,29 @@ class AsyncEngine:
         while self._inbox:
             verb, arg = self._inbox.popleft()
             if verb == "add":
-                if arg.req_id not in self._streams:  # abandoned while queued
-                    self._requests.pop(arg.req_id, None)
-                    continue
-                try:
-                    self.engine.scheduler.add(arg)
-                except Exception as e:  # one bad request fails alone
-                    logger.exception("request %s could not be queued", arg.req_id)
-                    self._deliver_all([RequestOutput(arg.req_id, [], [], True, "error", f"{type(e).__name__}: {e}")])
+                self._add(arg)
             elif verb == "abort":
-                req_id, reason = arg
-                req = self.engine.scheduler.abort(req_id, reason)
+                self._queued.discard(arg)
+                req = self.engine.abort_request(arg)
                 if req is not None:
-                    self.metrics.finished(reason.value)
+                    self.metrics.finished(RequestStatus.FINISHED_ABORTED.value)
                     self.metrics.e2e.observe(time.monotonic() - req.arrival_time)
-                self._requests.pop(req_id, None)
+                self._requests.pop(arg, None)
+
+    def _add(self, sub: _Submission) -> None:
+        if sub.req_id not in self._streams:  # abandoned while queued
+            self._queued.discard(sub.req_id)
+            return
+        try:
+            make = self.engine.make_request if sub.kind == "generation" else self.engine.make_likelihood_request
+            req = make(sub.req_id, *sub.args, arrival_time=sub.arrival_time)
+            self.engine.add(req)
+        except Exception as e:  # one bad request fails alone
+            logger.warning("request %s could not be queued: %s", sub.req_id, e)
+            self._queued.discard(sub.req_id)
+            self._deliver_all([RequestOutput(sub.req_id, [], [], True, "error", f"{type(e).__name__}: {e}")])
+            return
+        self._requests[sub.req_id] = req
 
     def _record_step(self, seconds: float, outputs: list[RequestOutput]) -> None:
         m = self.metrics
@@ -209,6 +271,7 @@ class AsyncEngine:
         m.committed.inc(stats.num_committed)
         m.committed_per_step.observe(stats.num_committed)
         for rid in stats.admitted:
+            self._queued.discard(rid)
             req = self._requests.get(rid)
             if req is not None:
                 m.queue_time.observe(time.monotonic() - req.arrival_time)
@@ -245,6 +308,7 @@ class AsyncEngine:
             if req is not None and req.first_token_time is not None and len(out.token_ids) == len(out.new_token_ids):
                 m.ttft.observe(req.first_token_time - req.arrival_time)
         if out.finished:
+            self._queued.discard(out.req_id)
             m.finished(out.finish_reason)
             if req is not None:
                 m.e2e.observe(time.monotonic() - req.arrival_time)

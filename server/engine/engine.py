@@ -7,15 +7,18 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
+from server.engine.facts import ModelFacts
 from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
 from server.engine.runner import ModelRunner
 from server.engine.kv_sizing import MemorySource, device_memory, size_kv_cache
 from server.engine.scheduler import Scheduler, SchedulerConfig
+from server.engine.stop_strings import StopStringState
 from server.models.loader import generation_defaults, load_model, resolve_model_path
 from server.tokenizer import Tokenizer, stop_token_ids
 
@@ -52,62 +55,51 @@ class LLMEngine:
         self.scheduler = Scheduler(sc)
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
         self.last_step = StepStats(0, 0, [])
+        self.facts = ModelFacts(
+            model=model_config.model, architecture=type(self.model).__name__, max_model_len=self.max_model_len,
+            vocab_size=self.vocab_size, mask_id=self.mask_id, stop_ids=frozenset(self.stop_ids),
+            decoding_modes=tuple(self.model.decoding_modes),
+            is_block_causal=bool(getattr(cfg, "block_causal_size", 0)),
+            max_num_batched_tokens=sc.max_num_batched_tokens, num_kv_pages=sc.num_kv_pages, page_size=sc.page_size,
+            decoding_defaults=MappingProxyType(dict(self.decoding_defaults)), tokenizer=self.tokenizer)
+        self._stop_strings: dict[str, StopStringState] = {}  # req_id -> its stop strings, for those that have any
 
-    def check_prompt(self, prompt_ids: list[int], params: DiffusionParams) -> None:
-        """Raises ValueError naming what is wrong with a request."""
-        bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"prompt: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
-        if self.mask_id in prompt_ids:
-            raise ValueError(f"prompt: contains the mask token id {self.mask_id}")
-        total = len(prompt_ids) + params.gen_length
-        if total > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: prompt ({len(prompt_ids)} tokens) + max_tokens ({params.gen_length}) = {total} "
-                f"exceeds the model's maximum length {self.max_model_len}")
-
-    def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
-        """A validated request, ready for ``add_request`` (raises ValueError)."""
-        self.check_prompt(prompt_ids, params)
-        if params.schedule == "llada2" and not getattr(self.model.config, "block_causal_size", 0):
-            raise ValueError(f"schedule: 'llada2' needs a block-causal model (LLaDA2.x); {type(self.model).__name__} "
-                             "attends bidirectionally")
-        modes = self.model.decoding_modes
-        if params.decoding not in modes:
-            raise ValueError(f"decoding: {params.decoding!r} is not available for this model "
-                             f"({type(self.model).__name__}); it supports {', '.join(modes)}")
+    def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams,
+                     arrival_time: float | None = None) -> Request:
+        """A validated request, ready for ``add``; raises RequestError."""
+        self.facts.check_generation(prompt_ids, params)
         # ignore_eos: no id ends the answer, so EOS/EoT are committed and returned like any token.
         req = Request(req_id, list(prompt_ids), params, self.mask_id, frozenset() if params.ignore_eos else self.stop_ids)
-        self.scheduler.check_fits(req)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         return req
 
     def make_likelihood_request(self, req_id: str, context_ids: list[int], continuation_ids: list[int],
-                                params: LikelihoodParams) -> LikelihoodRequest:
-        """A validated likelihood request (raises ValueError naming the field)."""
-        for name, ids in (("context", context_ids), ("continuation", continuation_ids)):
-            bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-            if bad:
-                raise ValueError(f"{name}: token id {bad[0]!r} is outside the vocabulary [0, {self.vocab_size})")
-            if self.mask_id in ids:
-                raise ValueError(f"{name}: contains the mask token id {self.mask_id}")
-        if not continuation_ids:
-            raise ValueError("continuation: must have at least one token")
-        total = len(context_ids) + len(continuation_ids)
-        if total > self.max_model_len:
-            raise ValueError(f"continuation: context + continuation ({total} tokens) exceeds the model's maximum "
-                             f"length {self.max_model_len}")
+                                params: LikelihoodParams, arrival_time: float | None = None) -> LikelihoodRequest:
+        """A validated likelihood request, ready for ``add``; raises RequestError."""
+        self.facts.check_likelihood(context_ids, continuation_ids, params)
         req = LikelihoodRequest(req_id, list(context_ids), list(continuation_ids), params, self.mask_id,
                                 self.scheduler.config.max_num_batched_tokens)
-        self.scheduler.check_fits(req)
+        if arrival_time is not None:
+            req.arrival_time = arrival_time
         return req
+
+    def add(self, req: Request | LikelihoodRequest) -> None:
+        """Queues a request built by ``make_request`` or ``make_likelihood_request``."""
+        if isinstance(req, Request) and req.params.stop:
+            self._stop_strings[req.req_id] = StopStringState(req.params.stop)
+        self.scheduler.add(req)
 
     def add_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams) -> Request:
         req = self.make_request(req_id, prompt_ids, params)
-        self.scheduler.add(req)
+        self.add(req)
         return req
 
-    def abort_request(self, req_id: str) -> bool:
-        return self.scheduler.abort(req_id) is not None
+    def abort_request(self, req_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED
+                      ) -> Request | LikelihoodRequest | None:
+        """Removes a request wherever it is; returns it, or None if unknown."""
+        self._stop_strings.pop(req_id, None)
+        return self.scheduler.abort(req_id, status)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -140,7 +132,24 @@ class LLMEngine:
         num_committed = sum(len(positions) for positions, _ in result.commits.values())
         num_seqs = len({owner_of(x.req_id) for x in [*sched.seqs, *sched.scores]})
         self.last_step = StepStats(num_seqs, num_committed, sched.admitted)
-        return failed + self.scheduler.update(result)
+        outputs = failed + self.scheduler.update(result)
+        if self._stop_strings:
+            outputs = [self._check_stop_strings(out) for out in outputs]
+        return outputs
+
+    def _check_stop_strings(self, out: RequestOutput) -> RequestOutput:
+        state = self._stop_strings.get(out.req_id)
+        if state is None:
+            return out
+        if out.finish_reason == "error":
+            del self._stop_strings[out.req_id]
+            return out
+        checked = state.check(out, self.tokenizer.decode)
+        if checked.finished:
+            del self._stop_strings[out.req_id]
+            if not out.finished:  # the answer is fixed: free its slot now
+                self.scheduler.abort(out.req_id, RequestStatus.FINISHED_STOPPED)
+        return checked
 
     def _fail(self, req_id: str, error: Exception) -> RequestOutput:
         req = self.scheduler.abort(req_id, RequestStatus.FINISHED_ERROR, f"{type(error).__name__}: {error}")

@@ -24,9 +24,9 @@ StepCallback = Callable[[str, Request], None]
 @dataclass
 class GenerationOutput:
     prompt_token_ids: list[int]
-    token_ids: list[int]  # the answer's ids, ending before the first EOS/EoT
-    text: str | None  # None when the checkpoint has no tokenizer
-    finish_reason: str  # "stop" (EOS/EoT) or "length"
+    token_ids: list[int]  # the answer's ids, ending before the first EOS/EoT (or covering the text before a stop string)
+    text: str | None  # None when the checkpoint has no tokenizer; cut before the first stop string
+    finish_reason: str  # "stop" (EOS/EoT or a stop string) or "length"
     num_steps: int  # forward passes this request took
     num_committed: int  # canvas positions committed when it finished (early stop leaves some masked)
     logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when params.logprobs is set
@@ -90,7 +90,7 @@ class LLM:
         params = params or LikelihoodParams()
         req_ids = [f"offline-{next(self._ids)}" for _ in pairs]
         for rid, (context, continuation) in zip(req_ids, pairs):
-            engine.scheduler.add(engine.make_likelihood_request(rid, context, continuation, params))
+            engine.add(engine.make_likelihood_request(rid, context, continuation, params))
         results: dict[str, LikelihoodResult] = {}
         wanted = set(req_ids)
         try:
@@ -130,7 +130,8 @@ class LLM:
         outputs = []
         for rid, ids in zip(req_ids, prompt_ids):
             out, req = results[rid], requests[rid]
-            text = self.tokenizer.decode(out.token_ids) if self.tokenizer is not None else None
+            text = out.text if out.text is not None else \
+                self.tokenizer.decode(out.token_ids) if self.tokenizer is not None else None
             committed = sum(t != req.mask_id for t in req.canvas[req.prompt_len:])
             outputs.append(GenerationOutput(ids, out.token_ids, text, out.finish_reason, req.num_forward_steps,
                                             committed, out.logprobs))

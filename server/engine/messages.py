@@ -106,3 +106,6 @@ class RequestOutput:
     num_steps: int = 0  # forward passes the request has taken so far
     likelihood: LikelihoodResult | None = None  # a finished likelihood request's result
     logprobs: list[TokenLogprob] | None = None  # aligned with token_ids, when the request asked for them
+    # With stop strings: the answer's text, cut before the first stop string; while
+    # running, only its settled part (server/engine/stop_strings.py). None without.
+    text: str | None = None

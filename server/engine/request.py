@@ -33,6 +33,17 @@ class RequestStatus(enum.Enum):
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
 
 
+def block_layout(prompt_len: int, params: DiffusionParams) -> tuple[list[tuple[int, int]], int]:
+    """A request's blocks, [start, end) relative to the generated part, and
+    the generated part's length on the canvas (LLaDA2's grid pads it to
+    whole blocks): a function of the prompt's length and the params alone."""
+    if params.schedule == "llada2":
+        return grid_blocks(prompt_len, params.gen_length, params.block_length)
+    if params.schedule == "dream":
+        return [(0, params.gen_length)], params.gen_length
+    return block_bounds(params.gen_length, params.block_length), params.gen_length
+
+
 @dataclass
 class Request:
     req_id: str
@@ -47,16 +58,14 @@ class Request:
 
     def __post_init__(self) -> None:
         p = self.params
-        padded = p.gen_length
+        self.blocks, padded = block_layout(len(self.prompt_ids), p)  # relative to the generated part
         self.timesteps: list[float] = []
         if p.schedule == "llada2":
-            self.blocks, padded = grid_blocks(len(self.prompt_ids), p.gen_length, p.block_length)
             self.block_steps = [min(p.steps, p.gen_length)] * len(self.blocks)  # the reference's cap
         elif p.schedule == "dream":
-            self.blocks, self.block_steps = [(0, p.gen_length)], [p.steps]
+            self.block_steps = [p.steps]
             self.timesteps = dream_timesteps(p.steps, p.eps)
         else:
-            self.blocks = block_bounds(p.gen_length, p.block_length)  # relative to the generated part
             self.block_steps = steps_per_block(p.steps, len(self.blocks))
         self.canvas: list[int] = list(self.prompt_ids) + [self.mask_id] * padded
         self.editing = p.editing_threshold is not None

@@ -64,31 +64,13 @@ class Scheduler:
         self.pages = PageAllocator(config.num_kv_pages, config.page_size) if config.num_kv_pages else None
         self.num_steps = 0  # schedule() calls so far: dates deferred fills
 
-    def check_fits(self, req: Request | LikelihoodRequest) -> None:
-        """A request that could never be admitted is refused up front."""
-        limit = self.config.max_num_batched_tokens
-        if isinstance(req, LikelihoodRequest):
-            if req.min_step_tokens > limit:
-                raise ValueError(f"continuation: context + continuation ({len(req.seq_ids)} tokens per sample, guidance "
-                                 f"and the greedy check counted) exceeds max_num_batched_tokens {limit}")
-            return
-        if req.num_tokens > limit:
-            raise ValueError(f"max_tokens: the canvas ({req.num_tokens} tokens, guidance counted twice) "
-                             f"exceeds max_num_batched_tokens {limit}, the tokens one step may compute")
-        if req.uses_cache:
-            if self.pages is None:
-                raise ValueError(f"decoding: {req.params.decoding!r} needs the KV cache, which this server "
-                                 "runs without (kv_cache_tokens 0)")
-            if self.pages.pages_for(len(req.canvas)) > self.pages.num_pages:
-                raise ValueError(f"max_tokens: the canvas ({len(req.canvas)} tokens) exceeds the KV cache")
-
     def _release(self, req: Request) -> None:
         if req.pages:
             self.pages.free(req.pages)
             req.pages = []
 
-    def add(self, req: Request) -> None:
-        self.check_fits(req)
+    def add(self, req: Request | LikelihoodRequest) -> None:
+        """Queues a request the engine validated (``ModelFacts``): one that can be admitted."""
         self.waiting.append(req)
 
     def has_unfinished(self) -> bool:

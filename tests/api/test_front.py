@@ -23,22 +23,22 @@ def small_queue(text_ckpt):
 
 @pytest.fixture
 def built(small_queue, monkeypatch):
-    """Counts the engine requests built and the prompts tokenized."""
+    """Counts the requests validated by the engine and the prompts tokenized."""
     counts = {"requests": 0, "encodes": 0}
     engine = small_queue.engine
-    real_make = engine.make_request
-    tok = engine.engine.tokenizer
+    real_validate = engine.validate
+    tok = engine.facts.tokenizer
     real_encode = tok.encode
 
-    def make_request(*args, **kwargs):
+    def validate(*args, **kwargs):
         counts["requests"] += 1
-        return real_make(*args, **kwargs)
+        return real_validate(*args, **kwargs)
 
     def encode(*args, **kwargs):
         counts["encodes"] += 1
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "make_request", make_request)
+    monkeypatch.setattr(engine, "validate", validate)
     monkeypatch.setattr(tok, "encode", encode)
     return counts
 
@@ -82,7 +82,7 @@ def test_a_full_queue_is_a_429_before_anything_is_built(small_queue, built, monk
 
 
 def test_a_prompt_filling_the_model_is_refused_before_its_choices(small_queue, built):
-    max_len = small_queue.engine.engine.max_model_len
+    max_len = small_queue.engine.facts.max_model_len
     r = httpx.post(small_queue.url + "/v1/completions",
                    json={"prompt": [[5, 6], [5] * max_len], "n": 4, "max_tokens": 4})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text

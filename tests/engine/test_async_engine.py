@@ -35,8 +35,7 @@ def test_outputs_filtered_and_handed_over_once_per_step(tmp_path):
 
             loop.call_soon_threadsafe = counting
             steps_before = int(engine.metrics.steps._value.get())
-            reqs = [engine.make_request(f"r{every_step}{i}", p, PARAMS) for i, p in enumerate(PROMPTS)]
-            streams = [engine.submit(r, every_step) for r in reqs]
+            streams = [engine.submit(f"r{every_step}{i}", p, PARAMS, every_step) for i, p in enumerate(PROMPTS)]
 
             async def drain(stream):
                 return [out async for out in stream]
