@@ -109,6 +109,8 @@ class OpenAIServing:
             )
         except ParamError as e:
             raise APIError.refused(e, {"gen_length": name}) from None
+        except ValueError as e:  # the protocol's own "field: message"
+            raise APIError.bad_request(str(e)) from None
 
     def num_prompts(self, req: CompletionRequest | ChatCompletionRequest) -> int:
         p = getattr(req, "prompt", None)

@@ -68,8 +68,9 @@ def test_the_engine_stops_at_a_stop_string_and_frees_the_request(llm):
     assert len(full.text) > 6, full.text
     stop = full.text[len(full.text) // 2: len(full.text) // 2 + 2]
     cut = full.text.find(stop)
-    stopped = llm.generate([[5, 6, 7]], DiffusionParams(**{**vars(params), "stop": (stop,)}))[0]
+    stopped = llm.generate([[5, 6, 7]], DiffusionParams(**{**vars(params), "stop": (stop,), "logprobs": 0}))[0]
     assert stopped.finish_reason == "stop" and stopped.text == full.text[:cut]
+    assert len(stopped.logprobs) == len(stopped.token_ids)  # cut with the tokens
     # The fewest tokens whose text covers the answer, a prefix of the full answer's.
     keep = stopped.token_ids
     assert keep == full.token_ids[:len(keep)]
