@@ -14,7 +14,8 @@ mode's block start: the whole canvas, storing keys/values) and ``use`` (block
 + suffix, or the block alone, over the stored keys).
 
 Columns, per mode x batch x kind: the median step time (``runner.execute``:
-packing, model, sampler) and the model forward's alone; tokens computed per
+packing, model, sampler; the thread's CPU time, torch on one thread, so what
+shares the machine does not count) and the model forward's alone; tokens computed per
 request; ``share`` = tokens computed / canvas tokens (the issue's FLOP share)
 and ``x share`` = step time / (whole-canvas step time at the same batch x
 share), per step, then the median: 1.0 means the step costs exactly its
@@ -72,8 +73,10 @@ def step_flops(model: torch.nn.Module, seqs: list, plans: list) -> float:
 
 
 def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str) -> list[dict]:
-    """Steps of ``batch`` fresh requests: per step its kind, wall seconds of
-    runner.execute and of the model forward, tokens computed and canvas tokens."""
+    """Steps of ``batch`` fresh requests: per step its kind, the CPU seconds
+    of runner.execute and of the model forward (this thread's: torch runs on
+    it alone, so other work on a shared machine does not count), the wall
+    seconds of runner.execute, tokens and FLOPs computed, canvas tokens."""
     engine = llm.engine
     runner, model = engine.runner, engine.model
     params = DiffusionParams(gen_length=GEN_LENGTH, steps=GEN_LENGTH, block_length=BLOCK_LENGTH, decoding=mode,
@@ -89,18 +92,19 @@ def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str) -> lis
     real_execute, real_forward = runner.execute, model.forward
 
     def forward(*args, **kwargs):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         out = real_forward(*args, **kwargs)
-        forward_s.append(time.perf_counter() - t0)
+        forward_s.append(time.thread_time() - t0)
         return out
 
     def execute(sched):
         actions = {s.cache_action for s in sched.seqs}
         kind = "whole" if actions == {None} else actions.pop() if len(actions) == 1 else "mixed"
         plans = [plan(s) for s in sched.seqs]
-        t0 = time.perf_counter()
+        t0, w0 = time.thread_time(), time.perf_counter()
         out = real_execute(sched)
-        steps.append({"kind": kind, "seconds": time.perf_counter() - t0, "forward_seconds": forward_s[-1],
+        steps.append({"kind": kind, "seconds": time.thread_time() - t0, "wall_seconds": time.perf_counter() - w0,
+                      "forward_seconds": forward_s[-1],
                       "num_seqs": len(sched.seqs), "flops": step_flops(model, sched.seqs, plans), "tokens": sum(p.end - p.start for p in plans),
                       "canvas_tokens": sum(len(s.canvas) for s in sched.seqs)})
         return out
