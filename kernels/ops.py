@@ -1,5 +1,5 @@
 """The ops the model and sampler call. Each dispatches to its Triton kernel
-(``kernels.attention``, ``kernels.unmask``) or to its torch twin in
+(``kernels.attention``, ``kernels.unmask``, ``kernels.moe``) or to its torch twin in
 ``kernels.reference``:
 
 - backend "auto" (default): Triton for CUDA tensors when triton is
@@ -63,8 +63,11 @@ def varlen_attention(
     **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale, causal_block, positions, softmax_dtype:
     # see kernels.reference
 ) -> torch.Tensor:
-    # The kernel is non-causal only, with its softmax in float32.
-    if _use_triton(q) and not kwargs.get("causal_block") and kwargs.get("softmax_dtype") in (None, torch.float32):
+    # The kernel is non-causal only, with its softmax in float32. causal_block may be a
+    # per-token tensor (block-causal sequences of several block lengths).
+    causal = kwargs.get("causal_block")
+    is_causal = isinstance(causal, torch.Tensor) or bool(causal)
+    if _use_triton(q) and not is_causal and kwargs.get("softmax_dtype") in (None, torch.float32):
         kwargs.pop("softmax_dtype", None)
         from kernels import attention
         return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
@@ -114,4 +117,7 @@ def fused_moe(
     topk_weights: torch.Tensor,  # (num_tokens, top_k)
 ) -> torch.Tensor:
     """The routed experts' weighted sum (``kernels.reference.fused_moe``)."""
+    if _use_triton(x):
+        from kernels import moe
+        return moe.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
     return reference.fused_moe(x, w_gate_up, w_down, topk_ids, topk_weights)
