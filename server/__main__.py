@@ -38,29 +38,46 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """DiffusionParams fields; one left out is the model's recommendation
+    (its family's decoding, then its generation_config.json), else
+    DiffusionParams' default."""
     p.add_argument("--gen-length", type=int, default=None,
-                   help="canvas length after the prompt, max tokens (default: the model's max_new_tokens, else 64)")
+                   help="canvas length after the prompt, max tokens (default: the model's max_new_tokens, else 128)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: gen-length)")
     p.add_argument("--block-length", type=int, default=None, help="block length (default: the model's, else 32)")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--remasking", default="low_confidence")
-    p.add_argument("--cfg-scale", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=None, help="Gumbel-max sampling temperature (default 0: greedy)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens (default 0: all)")
+    p.add_argument("--top-p", type=float, default=None, help="sample within this probability mass (default 1: all)")
+    p.add_argument("--remasking", default=None, help="commit rule: low_confidence (default), random, margin, entropy, "
+                   "threshold, factor")
+    p.add_argument("--threshold", type=float, default=None, help="the threshold rule's confidence bar (default 0.9)")
+    p.add_argument("--factor", type=float, default=None, help="the factor rule's f (default 1.0)")
+    p.add_argument("--decoding", default=None, help="exact (default), prefix_cache or dual_cache")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance scale (default 0: off)")
+    p.add_argument("--seed", type=int, default=0, help="the noise seed (default 0)")
+
+
+# add_decoding_args' flags: DiffusionParams fields of the same names
+DECODING_FLAGS = ("gen_length", "steps", "block_length", "temperature", "top_k", "top_p", "remasking", "threshold",
+                  "factor", "decoding", "cfg_scale", "seed")
 
 
 def add_serve_args(p: argparse.ArgumentParser) -> None:
+    from server.engine.scheduler import SchedulerConfig  # torch-free: the batch defaults' one source
+
     def flag(name: str, type_, default, help_: str) -> None:
         # An environment value is a string: argparse converts it with type_ as
         # if it were given on the command line, so a bad one is a clear usage error.
         env = "LLADA_SERVE_" + name.upper().replace("-", "_")
         p.add_argument(f"--{name}", type=type_, default=_env_default(name, default), help=f"{help_} [{env}]")
 
-    flag("served-model-name", str, None, "model name in the API (default: --model)")
+    flag("served-model-name", str, None, "model name in the API (default: --model; llada-demo for the bundled model)")
     flag("host", str, "127.0.0.1", "address to listen on")
     flag("port", int, 8000, "port to listen on")
     flag("api-key", str, None, "require 'Authorization: Bearer KEY' on /v1/* and the tokenizer routes")
-    flag("max-num-seqs", int, 16, "requests in one forward pass")
-    flag("max-num-batched-tokens", int, 8192, "tokens one step puts through the model: whole canvases for exact "
+    flag("max-num-seqs", int, SchedulerConfig.max_num_seqs, "requests in one forward pass")
+    flag("max-num-batched-tokens", int, SchedulerConfig.max_num_batched_tokens,
+         "tokens one step puts through the model: whole canvases for exact "
          "steps and cache fills, blocks at cache use steps")
     flag("max-queued-requests", int, 256, "waiting requests before answering 429")
     flag("max-model-len", int, None, "longest prompt + max_tokens (default: the model's max_sequence_length)")
@@ -84,10 +101,15 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    choices=["critical", "error", "warning", "info", "debug"])
 
 
+SERVE_DESCRIPTION = ("Run the OpenAI-compatible server (the default command: `llada-serve --port 8080` is "
+                     "`llada-serve serve --port 8080`). Offline generation: `llada-serve generate --help`.")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-serve", description="Serve masked diffusion language models (LLaDA).")
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)")
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible server (the default command)",
+                           usage="llada-serve [serve] [flags]", description=SERVE_DESCRIPTION)
     add_model_args(serve)
     add_serve_args(serve)
     gen = sub.add_parser("generate", help="generate offline and print the completion")
@@ -111,17 +133,9 @@ def _render(llm, req) -> str:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from sampler.params import DiffusionParams
     from server.engine.llm import LLM
-    from server.models.loader import recommended_decoding
 
     try:
-        model_defaults = recommended_decoding(args.model, gen_length=64, block_length=32)
-        gen_length = args.gen_length if args.gen_length is not None else model_defaults["gen_length"]
-        block_length = args.block_length if args.block_length is not None else model_defaults["block_length"]
-        params = DiffusionParams(gen_length=gen_length, steps=args.steps, block_length=block_length,
-                                 temperature=args.temperature, remasking=args.remasking,
-                                 cfg_scale=args.cfg_scale, seed=args.seed)
         if args.prompt_ids is not None:
             try:
                 prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -130,6 +144,9 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             prompt = args.prompt
         llm = LLM(args.model, dtype=args.dtype, device=args.device)
+        given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
+        params = llm.default_params(**given)
+
         def show_step(req_id, req):
             print(f"step {req.num_forward_steps:3d}  block {min(req.block_idx + 1, len(req.blocks))}/{len(req.blocks)}  "
                   f"| {_render(llm, req)}", flush=True)
@@ -150,7 +167,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or argv[0].startswith("-"):  # the server is the default command, --help included
         argv.insert(0, "serve")
     parser = build_parser()
     args = parser.parse_args(argv)

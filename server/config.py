@@ -36,14 +36,16 @@ class ModelConfig:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
-    served_model_name: str | None = None  # None = the --model argument
+    served_model_name: str | None = None  # None = the --model argument (llada-demo for the bundled model)
     api_key: str | None = None  # required as a Bearer token on /v1/* when set
     max_queued_requests: int = 256  # waiting requests before 429
     drain_timeout: float = 30.0  # seconds in-flight requests get after SIGTERM
     max_body_bytes: int = 1 << 20  # larger request bodies get 413
-    default_max_tokens: int = 128  # canvas length when a request gives none
+    # Request defaults when a request gives none; None = the model's recommendation
+    # (ModelFacts.decoding_defaults, known once it is loaded), else DiffusionParams' default.
+    default_max_tokens: int | None = None  # canvas length
     default_steps: int | None = None  # None = one token per step (steps = max_tokens)
-    default_block_length: int = 32
+    default_block_length: int | None = None
     default_decoding: str = "exact"  # when a request gives none
     default_remasking: str = "low_confidence"
     default_threshold: float = 0.9
@@ -53,9 +55,9 @@ class ServerConfig:
         checks = {
             "port": 0 <= self.port < 65536, "max_queued_requests": self.max_queued_requests >= 1,
             "drain_timeout": self.drain_timeout >= 0, "max_body_bytes": self.max_body_bytes >= 1024,
-            "default_max_tokens": self.default_max_tokens >= 1,
+            "default_max_tokens": self.default_max_tokens is None or self.default_max_tokens >= 1,
             "default_steps": self.default_steps is None or self.default_steps >= 1,
-            "default_block_length": self.default_block_length >= 1,
+            "default_block_length": self.default_block_length is None or self.default_block_length >= 1,
         }
         for name, ok in checks.items():
             if not ok:

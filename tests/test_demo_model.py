@@ -45,13 +45,17 @@ def test_it_ships_small_with_a_card():
     assert "license:" in card and "| reverse |" in card and "train_demo_model.py" in card
 
 
-def test_it_is_the_default_model_with_its_recommended_decoding():
+def test_it_is_the_default_model_with_its_recommended_decoding(llm):
     assert bundled_model() == str(DEMO)
     args = build_parser().parse_args(["serve"])
     assert args.model == str(DEMO)
     _, _, server = build_configs(args)
+    assert server.served_model_name == "llada-demo"  # not this machine's path, which clients would echo
     recommended = json.loads((DEMO / "generation_config.json").read_text())
-    assert (server.default_max_tokens, server.default_block_length) == \
+    defaults = llm.engine.facts.decoding_defaults  # what the server and `generate` use when given none
+    assert (defaults["gen_length"], defaults["block_length"]) == \
+        (recommended["max_new_tokens"], recommended["block_length"])
+    assert (llm.default_params().gen_length, llm.default_params().block_length) == \
         (recommended["max_new_tokens"], recommended["block_length"])
 
 

@@ -48,29 +48,35 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _given(value, default):
-    return default if value is None else value
+BUNDLED_MODEL_NAME = "llada-demo"  # what the API calls the bundled demo model
+
+
+def served_model_name(args) -> str:
+    """The name clients use: --served-model-name, else --model as given,
+    except the bundled demo model, which is ``llada-demo`` (not a path of
+    this machine's that clients would have to echo)."""
+    if args.served_model_name:
+        return args.served_model_name
+    from server.__main__ import bundled_model
+
+    return BUNDLED_MODEL_NAME if args.model == bundled_model() else args.model
 
 
 def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
-    """The three configs from the parsed flags. Request defaults the user
-    left out come from the checkpoint's generation_config.json, then the
-    built-ins. Raises ValueError naming a bad flag or checkpoint."""
-    from server.models.loader import recommended_decoding
-
-    model_defaults = recommended_decoding(args.model, gen_length=128, block_length=32)
+    """The three configs from the parsed flags, without reading the
+    checkpoint (a hub model downloads on the engine thread, after the server
+    listens). Request defaults the user left out are the model's, resolved
+    once it is loaded. Raises ValueError naming a bad flag."""
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization)
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        kv_cache_tokens=args.kv_cache_tokens)
     server_config = ServerConfig(
-        host=args.host, port=args.port, served_model_name=args.served_model_name, api_key=args.api_key,
+        host=args.host, port=args.port, served_model_name=served_model_name(args), api_key=args.api_key,
         max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
-        max_body_bytes=args.max_body_bytes,
-        default_max_tokens=_given(args.default_max_tokens, model_defaults["gen_length"]),
-        default_steps=args.default_steps,
-        default_block_length=_given(args.default_block_length, model_defaults["block_length"]),
+        max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+        default_steps=args.default_steps, default_block_length=args.default_block_length,
         default_decoding=args.default_decoding, default_remasking=args.default_remasking,
         default_threshold=args.default_threshold, playground=not args.no_playground)
     return model_config, scheduler_config, server_config
@@ -85,7 +91,7 @@ def serve(args) -> int:
     except ValueError as e:
         print(f"llada-serve: error: {e}", file=sys.stderr)
         return 2
-    model_name = server_config.served_model_name or args.model
+    model_name = server_config.served_model_name
     metrics = Metrics(model_name)
 
     def on_fatal(error: BaseException) -> None:

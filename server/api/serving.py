@@ -82,12 +82,21 @@ class OpenAIServing:
             return "max_completion_tokens"
         return "max_tokens"
 
+    def request_default(self, name: str) -> int:
+        """A request's ``gen_length`` / ``block_length`` when it gives none:
+        the server's flag, else the model's recommendation, else DiffusionParams'."""
+        flag = {"gen_length": self.config.default_max_tokens, "block_length": self.config.default_block_length}[name]
+        if flag is not None:
+            return flag
+        return self.facts.decoding_defaults.get(name, getattr(DiffusionParams, name))
+
     def params(self, req: DiffusionFields, max_tokens: int | None, choice: int) -> DiffusionParams:
         cfg = self.config
-        gen_length = max_tokens if max_tokens is not None else cfg.default_max_tokens
+        gen_length = max_tokens if max_tokens is not None else self.request_default("gen_length")
+        block_length = req.block_length if req.block_length is not None else self.request_default("block_length")
         steps = req.steps if req.steps is not None else cfg.default_steps
         if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
-            steps = max(steps, -(-gen_length // (req.block_length or cfg.default_block_length)))
+            steps = max(steps, -(-gen_length // max(block_length, 1)))
         name = self.max_tokens_field(req)
         if req.logprobs and self.facts.tokenizer is None:
             raise APIError.bad_request("logprobs: this model has no tokenizer to spell the tokens", "logprobs")
@@ -96,7 +105,7 @@ class OpenAIServing:
         try:
             return DiffusionParams(
                 gen_length=gen_length, steps=steps,
-                block_length=req.block_length if req.block_length is not None else cfg.default_block_length,
+                block_length=block_length,
                 temperature=req.temperature if req.temperature is not None else 0.0,
                 top_k=req.top_k or 0, top_p=req.top_p if req.top_p is not None else 1.0,
                 cfg_scale=req.cfg_scale or 0.0, remasking=req.remasking or cfg.default_remasking,

@@ -34,7 +34,8 @@ class GenerationOutput:
 
 class LLM:
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto",
-                 max_num_seqs: int = 16, max_num_batched_tokens: int = 16384, max_model_len: int | None = None,
+                 max_num_seqs: int = SchedulerConfig.max_num_seqs,
+                 max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_tokens: int | None = None):
         self.engine = LLMEngine(
             ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
