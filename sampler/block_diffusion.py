@@ -15,6 +15,7 @@ import torch
 
 from kernels import ops
 from kernels.reference import philox_uniform
+from kernels.vocab_parallel import VocabShard
 from sampler.distribution import gumbel_rank, sampling_scores
 from sampler.remasking import REMASKING
 
@@ -156,12 +157,19 @@ def factor_quota(confidence: torch.Tensor, row_seq: torch.Tensor, factor: torch.
     return torch.where(factor > 0, n, torch.zeros_like(n))
 
 
-def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def denoise_step(logits: torch.Tensor, rows: StepRows,
+                 vocab: VocabShard | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits: (num_rows, vocab). Returns (x0, commit, prob): the predicted
     token of every row, int64 (num_rows,), which rows to commit now, bool
     (num_rows,), and the model's probability of each row's x0, float32
     (num_rows,) (what a client shows as the token's confidence, whatever the
     remasking strategy ranked by).
+
+    With ``vocab`` (tensor parallelism), ``logits`` are this rank's
+    vocabulary slice: LLaDA's scores are reduced across the ranks from
+    per-row statistics (``kernels.vocab_parallel``); steps with rows that
+    need the whole distribution (top-k / top-p, the families' sampling
+    distribution) gather their rows first.
 
     top-k / top-p restrict which token is sampled (rows with temperature > 0);
     the probability confidence stays the model's own probability of that
@@ -169,16 +177,19 @@ def denoise_step(logits: torch.Tensor, rows: StepRows) -> tuple[torch.Tensor, to
     names = sorted(set(rows.remasking))
     needs = {"with_margin": any(REMASKING[n].needs_margin for n in names),
              "with_entropy": any(REMASKING[n].needs_entropy for n in names)}
+    if vocab is not None and (rows.any_filter or rows.family is not None):
+        logits, vocab = vocab.gather(logits), None
+    unmask_scores = ops.unmask_scores if vocab is None else vocab.unmask_scores
     if rows.any_filter:
         filtered = (rows.temperature > 0) & ((rows.top_k > 0) | (rows.top_p < 1))
         idx = filtered.nonzero().squeeze(1)
         sampling_logits = logits.clone()
         sampling_logits[idx] = top_k_top_p_filter(logits[idx], rows.top_k[idx], rows.top_p[idx])
-        scores = ops.unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset, **needs)
+        scores = unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset, **needs)
         log_probs = torch.log_softmax(logits[idx].float(), dim=1)
         scores["prob"][idx] = log_probs.gather(1, scores["x0"][idx, None]).squeeze(1).exp()
     else:
-        scores = ops.unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs)
+        scores = unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs)
     fam = rows.family
     prob_exact = scores["prob"]  # what threshold rules compare (the sampling distribution's, unrounded, if so)
     if fam is not None and bool(fam.dist.any()):

@@ -34,12 +34,14 @@ class StepStats:
 
 class LLMEngine:
     def __init__(self, model_config: ModelConfig, scheduler_config: SchedulerConfig | None = None,
-                 memory: MemorySource | None = None):
+                 memory: MemorySource | None = None, parallel=None):
         """``memory``: where the KV pool's size comes from (default: CUDA's
-        figures on a GPU, none on CPU: see server/engine/kv_sizing.py)."""
+        figures on a GPU, none on CPU: see server/engine/kv_sizing.py).
+        ``parallel`` (``server.models.parallel.Parallel``): this rank's
+        tensor-parallel shard of the model."""
         self.model_config = model_config
         self.path: Path = resolve_model_path(model_config.model)
-        self.model = load_model(self.path, model_config.dtype, model_config.device)
+        self.model = load_model(self.path, model_config.dtype, model_config.device, parallel)
         self.raw_config = json.loads((self.path / "config.json").read_text())
         cfg = self.model.config
         self.mask_id: int = cfg.mask_token_id

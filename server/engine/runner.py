@@ -123,6 +123,9 @@ class ModelRunner:
             **self._causal_blocks(seqs, len(cu_seqlens) - 1),
         )
         out = RunnerOutput()
+        vocab = getattr(self.model, "vocab_shard", None)  # tensor parallel: logits are this rank's vocabulary slice
+        if vocab is not None and (pack is not None or any(s.edit_rows or s.num_logprobs is not None for s in seqs)):
+            logits, vocab = vocab.gather(logits), None  # likelihood scores, edits and logprobs read whole rows
         if pack is not None:
             out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):])
             logits = logits[:len(cond_rows) + len(uncond_rows)]
@@ -151,7 +154,7 @@ class ModelRunner:
             alg_temps=[s.alg_temp for s in seqs],
             transfer_probs=[s.transfer_prob for s in seqs],
         )
-        x0, commit, prob = denoise_step(logits, rows)
+        x0, commit, prob = denoise_step(logits, rows, vocab)
         x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
 
         i = 0

@@ -215,6 +215,23 @@ _STAGING_BYTES = {"cpu": 4 << 20, "cuda": 64 << 20}
 def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
     table = model.checkpoint_params()
     entries = [e for f in files for e in read_header(f)]
+    check_entries(table, entries, files)
+    device = next(iter(table.values()))[0].device
+    staging = _Staging(device, _STAGING_BYTES.get(device.type, 64 << 20))
+    with torch.no_grad():
+        for file in files:
+            with open(file, "rb", buffering=0) as f:
+                for e in (e for e in entries if e.file == file):
+                    param, row0, row1 = table[e.name]
+                    _read_into(f, e, param.data[row0:row1], staging)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # the last chunks are copied before the buffers go
+
+
+def check_entries(table: dict[str, tuple[torch.Tensor, int, int]], entries: list[TensorEntry],
+                  files: list[Path]) -> None:
+    """Every tensor the model expects is in the checkpoint once, with the
+    shape the config implies, and nothing else is."""
     seen: set[str] = set()
     unexpected = [e.name for e in entries if e.name not in table]
     if unexpected:
@@ -233,16 +250,6 @@ def load_weights(model: torch.nn.Module, files: list[Path]) -> None:
     if missing:
         raise CheckpointError(f"{files[0].parent}: missing tensor {missing[0]}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    device = next(iter(table.values()))[0].device
-    staging = _Staging(device, _STAGING_BYTES.get(device.type, 64 << 20))
-    with torch.no_grad():
-        for file in files:
-            with open(file, "rb", buffering=0) as f:
-                for e in (e for e in entries if e.file == file):
-                    param, row0, row1 = table[e.name]
-                    _read_into(f, e, param.data[row0:row1], staging)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # the last chunks are copied before the buffers go
 
 
 @contextlib.contextmanager
@@ -305,8 +312,10 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.nn.Module:
-    """Builds the model for the checkpoint at ``path`` and loads its weights."""
+def load_model(path: Path, dtype: str = "auto", device: str = "auto", parallel=None) -> torch.nn.Module:
+    """Builds the model for the checkpoint at ``path`` and loads its weights;
+    with ``parallel`` (``server.models.parallel.Parallel``), this rank's
+    tensor-parallel shard of it, reading only that shard's weights."""
     raw = read_json(path / "config.json")
     try:
         gen_file = path / "generation_config.json"
@@ -320,6 +329,10 @@ def load_model(path: Path, dtype: str = "auto", device: str = "auto") -> torch.n
     torch_dtype, torch_device = pick_dtype(dtype, raw), pick_device(device)
     with torch.device("meta"), _skip_init():
         model = model_cls(cfg)
+    if parallel is not None:
+        from server.models.parallel import shard_and_load
+
+        return shard_and_load(model, files, torch_dtype, torch_device, parallel).eval().requires_grad_(False)
     materialize(model, torch_dtype, torch_device)
     load_weights(model, files)
     return model.eval().requires_grad_(False)
