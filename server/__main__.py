@@ -83,11 +83,14 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("max-model-len", int, None, "longest prompt + max_tokens (default: the model's max_sequence_length)")
     flag("default-max-tokens", int, None,
          "canvas length when a request gives no max_tokens (default: the model's max_new_tokens, else 128)")
-    flag("default-steps", int, None, "denoising steps when a request gives none (default: max_tokens)")
+    flag("default-steps", int, None, "denoising steps when a request gives none (default: the model's, else "
+         "max_tokens)")
     flag("default-block-length", int, None, "block length when a request gives none (default: the model's, else 32)")
     flag("default-decoding", str, "exact", "exact | prefix_cache | dual_cache, when a request gives none")
-    flag("default-remasking", str, "low_confidence", "commit rule when a request gives none")
-    flag("default-threshold", float, 0.9, "the threshold rule's bar when a request gives none")
+    flag("default-remasking", str, None, "commit rule when a request gives none (default: the model's own, "
+         "e.g. low_confidence for LLaDA, threshold_quota for LLaDA2, origin for Dream)")
+    flag("default-threshold", float, None, "the threshold rule's bar when a request gives none (default: the model's, "
+         "else 0.9)")
     flag("kv-cache-tokens", int, None, "KV-cache slots for the cache modes (default: on CUDA sized by "
          "--gpu-memory-utilization, on CPU max-num-batched-tokens; 0: off)")
     flag("gpu-memory-utilization", float, 0.9, "fraction of the GPU's total memory this server may use: the KV "

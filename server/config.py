@@ -47,8 +47,8 @@ class ServerConfig:
     default_steps: int | None = None  # None = one token per step (steps = max_tokens)
     default_block_length: int | None = None
     default_decoding: str = "exact"  # when a request gives none
-    default_remasking: str = "low_confidence"
-    default_threshold: float = 0.9
+    default_remasking: str | None = None  # None = the model's (LLaDA: low_confidence; LLaDA2, Dream: their own)
+    default_threshold: float | None = None  # None = the model's (0.9 unless its family or generation config says)
     playground: bool = True  # the web page at /
 
     def __post_init__(self) -> None:
@@ -65,5 +65,10 @@ class ServerConfig:
         from sampler.params import DiffusionParams
 
         # The defaults must make a valid request on their own.
-        DiffusionParams(decoding=self.default_decoding, remasking=self.default_remasking,
-                        threshold=self.default_threshold)
+        DiffusionParams(decoding=self.default_decoding,
+                        **({} if self.default_threshold is None else {"threshold": self.default_threshold}))
+        from sampler.remasking import REMASKING
+
+        if self.default_remasking is not None and self.default_remasking not in REMASKING:
+            raise ValueError(f"default_remasking: unknown strategy {self.default_remasking!r}; "
+                             f"one of {', '.join(sorted(REMASKING))}")

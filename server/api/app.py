@@ -263,9 +263,10 @@ def build_app(state: ServerState, metrics) -> FastAPI:
         return JSONResponse(await state.loglikelihood.run(body, request))
 
     def model_card() -> dict:
-        facts = state.engine.facts
-        return {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
-                "root": state.model_name, "max_model_len": facts.max_model_len if facts else None}
+        card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
+                "root": state.model_name, "max_model_len": None}
+        # Once loaded: the architecture, ids and decoding defaults served.
+        return card | (state.serving.model_description() if state.engine.facts else {})
 
     @app.get("/v1/models", dependencies=auth, responses=openapi.errors(openapi.MODELS))
     async def models():

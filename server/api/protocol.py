@@ -120,11 +120,20 @@ class DiffusionFields(RequestBody):
     # diffusion extras
     steps: StrictInt | None = Field(None, description="denoising steps over the canvas")
     block_length: StrictInt | None = Field(None, description="semi-autoregressive block size")
-    remasking: str | None = Field(None, description="low_confidence | random | margin | entropy | threshold | factor")
+    remasking: str | None = Field(None, description="low_confidence | random | margin | entropy | threshold | factor | "
+                                  "threshold_quota | origin | maskgit_plus | topk_margin")
     cfg_scale: NonNegFloat | None = Field(None, description="classifier-free guidance scale")
     decoding: str | None = Field(None, description="exact | prefix_cache | dual_cache")
     threshold: StrictFloat | None = Field(None, description="the threshold rule's confidence bar, in (0, 1]")
     factor: StrictFloat | None = Field(None, description="the factor rule's f (Fast-dLLM), > 0")
+    # each family's own decoding (defaults: the model's, see GET /v1/models)
+    schedule: str | None = Field(None, description="llada | llada2 | dream: whose step layout (default: the model's)")
+    editing_threshold: StrictFloat | None = Field(
+        None, description="llada2: LLaDA2.1 token editing, re-write decoded tokens above this confidence")
+    max_post_steps: StrictInt | None = Field(None, description="llada2 editing: steps after a block has no mask")
+    num_to_transfer: StrictInt | None = Field(None, description="llada2 editing: tokens a step commits at least")
+    alg_temp: NonNegFloat | None = Field(None, description="dream: > 0 draws the positions to commit")
+    eps: StrictFloat | None = Field(None, description="dream: the last timestep, in (0, 1)")
     ignore_eos: StrictBool = Field(
         False, description="vLLM extension: EOS/EoT are decoded as ordinary tokens; the answer is the whole "
         "canvas (max_tokens tokens, finish_reason length unless a stop string ends it first)")

@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any, AsyncIterator
 
 from sampler.params import DiffusionParams, ParamError
@@ -90,13 +90,43 @@ class OpenAIServing:
             return flag
         return self.facts.decoding_defaults.get(name, getattr(DiffusionParams, name))
 
+    # Request fields that are DiffusionParams fields of the same name (null or absent: the default).
+    _DECODING_FIELDS = ("steps", "block_length", "temperature", "top_k", "top_p", "cfg_scale", "remasking",
+                        "decoding", "threshold", "factor", "schedule", "max_post_steps", "num_to_transfer",
+                        "alg_temp", "eps")
+
+    def model_description(self) -> dict:
+        """What /v1/models and the playground show of the served model:
+        its architecture, ids, lengths, and the decoding a request that gives
+        no settings gets (the model's defaults under the server's flags)."""
+        facts = self.facts
+        defaults = asdict(self.params(CompletionRequest(prompt=[0]), None, 0))
+        decoding = {"max_tokens": defaults.pop("gen_length")}
+        decoding.update({k: v for k, v in defaults.items() if k not in ("seed", "ignore_eos", "logprobs", "stop")})
+        return {"architecture": facts.checkpoint_architecture, "model_type": facts.model_type,
+                "model_class": facts.architecture, "max_model_len": facts.max_model_len,
+                "mask_token_id": facts.mask_id, "stop_token_ids": sorted(facts.stop_ids),
+                "vocab_size": facts.vocab_size, "decoding_modes": list(facts.decoding_modes), "decoding": decoding}
+
     def params(self, req: DiffusionFields, max_tokens: int | None, choice: int) -> DiffusionParams:
+        """The model's decoding defaults (its family's, then its generation
+        config), the server's --default-* flags over them, the request's
+        fields over both."""
         cfg = self.config
         gen_length = max_tokens if max_tokens is not None else self.request_default("gen_length")
-        block_length = req.block_length if req.block_length is not None else self.request_default("block_length")
-        steps = req.steps if req.steps is not None else cfg.default_steps
-        if steps is not None and req.steps is None and isinstance(gen_length, int) and gen_length > 0:
-            steps = max(steps, -(-gen_length // max(block_length, 1)))
+        fields = {k: v for k, v in self.facts.decoding_defaults.items() if k != "gen_length"}
+        flags = dict(steps=cfg.default_steps, block_length=cfg.default_block_length, decoding=cfg.default_decoding,
+                     remasking=cfg.default_remasking, threshold=cfg.default_threshold)
+        fields.update({k: v for k, v in flags.items() if v is not None})
+        steps_given = req.steps is not None
+        fields.update({k: getattr(req, k) for k in self._DECODING_FIELDS if getattr(req, k) is not None})
+        if "editing_threshold" in req.model_fields_set:  # an explicit null turns LLaDA2.1's editing off
+            fields["editing_threshold"] = req.editing_threshold
+        steps = fields.get("steps")
+        if (steps is not None and not steps_given and fields.get("schedule", "llada") == "llada"
+                and isinstance(gen_length, int) and gen_length > 0):
+            # A default number of steps still gives every block one.
+            fields["steps"] = max(steps, -(-gen_length // max(fields.get("block_length", 32), 1)))
         name = self.max_tokens_field(req)
         if req.logprobs and self.facts.tokenizer is None:
             raise APIError.bad_request("logprobs: this model has no tokenizer to spell the tokens", "logprobs")
@@ -104,14 +134,7 @@ class OpenAIServing:
             raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)
         try:
             return DiffusionParams(
-                gen_length=gen_length, steps=steps,
-                block_length=block_length,
-                temperature=req.temperature if req.temperature is not None else 0.0,
-                top_k=req.top_k or 0, top_p=req.top_p if req.top_p is not None else 1.0,
-                cfg_scale=req.cfg_scale or 0.0, remasking=req.remasking or cfg.default_remasking,
-                decoding=req.decoding or cfg.default_decoding,
-                threshold=req.threshold if req.threshold is not None else cfg.default_threshold,
-                factor=req.factor if req.factor is not None else 1.0,
+                gen_length=gen_length, **fields,
                 seed=None if req.seed is None else (req.seed + choice) % 2**63, ignore_eos=req.ignore_eos,
                 logprobs=req.num_logprobs(),
                 stop=tuple(req.stop_list()),

@@ -41,6 +41,8 @@ class ModelFacts:
     # The checkpoint's own decoding (its family's, then its generation config): DiffusionParams fields.
     decoding_defaults: Mapping[str, Any] = field(default_factory=dict)
     tokenizer: "Tokenizer | None" = None  # encode/decode only; never changed after loading
+    checkpoint_architecture: str | None = None  # the config.json architecture served (registry's: LLaDA2MoeModelLM)
+    model_type: str | None = None  # config.json's model_type (llada, lladamoe, llada2_moe, llada21_moe, Dream)
 
     # -- generation ---------------------------------------------------------------------
     def check_generation(self, prompt_ids: list[int], params: DiffusionParams) -> None:

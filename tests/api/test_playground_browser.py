@@ -231,3 +231,38 @@ def test_knobs_follow_the_servers_schema(live, browser):
     page.select_option("#remasking", "threshold")
     assert page.locator("#threshold").is_visible() and page.locator("#factor").is_hidden()
     page.close()
+
+
+def test_playground_shows_the_served_architecture_and_its_decoding(browser, tmp_path):
+    """On an LLaDA2 checkpoint the page names the architecture and the
+    family's decoding defaults, and its knobs start from them: a message
+    sent untouched decodes as the API does by default."""
+    from tests.family_checkpoints import write_family_checkpoint
+
+    ck = write_family_checkpoint("llada2", tmp_path / "llada2")
+    srv = start_server(ck.path, ServerConfig(default_max_tokens=16))
+    try:
+        page = browser.new_page()
+        page.goto(srv.url + "/")
+        page.wait_for_function("() => document.getElementById('model').textContent.includes('LLaDA2MoeModelLM')")
+        text = page.text_content("#model")
+        for part in ("llada2_moe", "llada2 decoding", "steps 32", "block 32", "remasking threshold_quota",
+                     "threshold 0.95", f"mask id {ck.mask_id}", "max length 512"):
+            assert part in text, (part, text)
+        assert page.input_value("#remasking") == "threshold_quota" and page.input_value("#steps") == ""
+        assert page.input_value("#block-length") == "32"
+        page.fill("#max-tokens", "16")
+        page.fill("#seed", "4")
+        page.fill("#prompt", "the earth")
+        page.click("#send")
+        page.wait_for_function("() => document.body.dataset.state === 'done' && "
+                               "document.querySelectorAll('#log .msg.assistant:not(.pending)').length === 1",
+                               timeout=60_000)
+        api = httpx.post(srv.url + "/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "the earth"}], "max_tokens": 16, "seed": 4,
+            "temperature": 0}).json()
+        assert api["choices"][0]["message"]["content"]
+        assert page.locator("#log .msg.assistant .text").last.inner_text() == api["choices"][0]["message"]["content"]
+        page.close()
+    finally:
+        srv.stop()

@@ -335,8 +335,40 @@
     } catch (_) { /* no schema: the basic knobs only */ }
     try {
       const resp = await fetch("/v1/models", { headers: headers() });
-      if (resp.ok) els.model.textContent = "Model: " + (await resp.json()).data[0].id;
+      if (resp.ok) {
+        const card = (await resp.json()).data[0];
+        if (card.decoding) useModelDefaults(card.decoding);
+        els.model.textContent = describeModel(card);
+      }
     } catch (_) { /* the model name is a nicety */ }
+  }
+
+  // The served model's own decoding becomes the knobs' starting values.
+  function useModelDefaults(d) {
+    const have = new Set([...els.remasking.options].map((o) => o.value));
+    if (d.remasking && !have.has(d.remasking)) els.remasking.append(new Option(d.remasking, d.remasking));
+    if (d.remasking) els.remasking.value = d.remasking;
+    if (d.block_length) $("block-length").value = d.block_length;
+    if (d.threshold) $("threshold").placeholder = d.threshold;
+    // LLaDA's steps span the answer (the knob's one per token); other schedules keep their own.
+    if (d.schedule && d.schedule !== "llada") $("steps").value = "";
+    showKnobs();
+  }
+
+  function describeModel(card) {
+    const parts = ["Model: " + card.id];
+    if (card.architecture) parts.push(card.architecture + (card.model_type ? ` (${card.model_type})` : ""));
+    const d = card.decoding;
+    if (d) {
+      const knobs = [`steps ${d.steps}`, `block ${d.block_length}`, `remasking ${d.remasking}`];
+      if (/threshold/.test(d.remasking)) knobs.push(`threshold ${d.threshold}`);
+      if (d.editing_threshold != null) knobs.push(`editing ${d.editing_threshold}`);
+      if (d.schedule === "dream") knobs.push(`eps ${d.eps}`);
+      parts.push(`${d.schedule} decoding: ${knobs.join(", ")}`);
+    }
+    if (card.max_model_len) parts.push(`max length ${card.max_model_len}`);
+    if (card.mask_token_id != null) parts.push(`mask id ${card.mask_token_id}`);
+    return parts.join(" · ");
   }
 
   // On a phone the settings start folded, so the canvas is near the chat.
