@@ -4,6 +4,7 @@ dataclasses.
 
   llada-serve [serve] [--model M] [--host H] [--port P] ...   the OpenAI server
   llada-serve generate --model M --prompt TEXT [--chat] [--show-steps] ...
+  llada-serve eval --tasks T1,T2 [--base-url URL] [--apply-chat-template] ...   lm-eval against a server
 """
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import argparse
 import os
 import sys
 from typing import Sequence
+
+from server.eval.cli import add_eval_args, run_eval
 
 MASK_GLYPH = "░"
 
@@ -123,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids (checkpoints without a tokenizer)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     gen.add_argument("--show-steps", action="store_true", help="print the canvas after every denoising step")
+    add_eval_args(sub.add_parser("eval", help="run lm-eval tasks against a running server (the eval extra)"))
     return parser
 
 
@@ -176,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "generate":
         return run_generate(args)
+    if args.command == "eval":
+        return run_eval(args)
     if args.command == "serve":
         from server.api.launch import serve
 
