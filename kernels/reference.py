@@ -9,11 +9,13 @@ whatever requests share the batch.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from kernels import attention_plan
+from kernels.attention_plan import attention_groups  # noqa: F401 - part of the twin's interface
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_KEY_A = 0x9E3779B9
@@ -132,6 +134,8 @@ def varlen_attention(
     # a (num_q_tokens,) int64 tensor: each query token's own sequence's block length
     positions: torch.Tensor | None = None,  # (num_q_tokens,) canvas positions (block-causal only)
     softmax_dtype: torch.dtype | None = None,  # the softmax's dtype when not the scores' (an eager reference's)
+    cached_kv: Callable[[], tuple[torch.Tensor | None, ...]] | None = None,  # gives this layer's cached keys
+    # and values already gathered: per group of the key plan, (2, num_kv_heads, batch * max_k, head_dim)
 ) -> torch.Tensor:
     """Non-causal attention over a ragged batch: the queries of sequence i
     attend to its cached keys (if any) and to its current keys, all of them
@@ -143,168 +147,71 @@ def varlen_attention(
     p // causal_block; queries and current keys are the same tokens, and
     cached keys are the sequence's positions [0, cache_seqlens[i]).
 
-    Sequences of similar lengths share one padded computation (each
-    sequence's keys in its own row, cached ones first, padding masked out),
-    so a step costs a few calls per layer, not one per sequence;
-    ``attention_groups`` bounds the padding. The gather indices depend only
-    on the lengths and the block table, so every layer of a step reuses the
-    plan the first layer built."""
-    num_seqs = len(cu_seqlens_q) - 1
+    Sequences of similar lengths share one padded computation
+    (``kernels.attention_plan``: built once per step, shared by every
+    layer), so a step costs two batched products per group and layer, not
+    one per sequence, and grouped-query heads share their keys without
+    copies. ``cached_kv`` (from a forward pass's one
+    ``attention_plan.gather_cached`` of every layer) replaces the per-layer
+    gather from the pages. 16-bit inputs are computed in float32 (products,
+    softmax and weighted sum), float64 in float64."""
     use_cache = k_cache is not None and cache_seqlens is not None and any(cache_seqlens)
-    cached = tuple(map(int, cache_seqlens)) if use_cache else (0,) * num_seqs
-    table = tuple(map(tuple, block_table.tolist())) if use_cache else None
-    page_size = k_cache.shape[1] if use_cache else 0
-    plan = _attention_plan(tuple(map(int, cu_seqlens_q)), tuple(map(int, cu_seqlens_k)), cached, table, page_size,
-                           str(q.device))
+    keys_plan = attention_plan.plan_keys(cu_seqlens_k, cache_seqlens if use_cache else None, block_table,
+                                         k_cache.shape[1] if use_cache else 0, q.device)
+    queries_plan = attention_plan.query_plan(keys_plan, tuple(map(int, cu_seqlens_q)), str(q.device))
+    gathered = cached_kv() if use_cache and cached_kv is not None else None
+    if use_cache and gathered is None:
+        pool = torch.stack((attention_plan.head_major_slots(k_cache), attention_plan.head_major_slots(v_cache)))
+        gathered = tuple(None if g is None else g[:, 0]
+                         for g in attention_plan.gather_cached(keys_plan, pool[:, None]))
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    group = q.shape[1] // num_kv_heads
+    work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    scale = head_dim ** -0.5 if scale is None else scale
+    qg = q.view(q.shape[0], num_kv_heads, group, head_dim).permute(1, 0, 2, 3)  # (kv_heads, tokens, group, dim)
+    k_hm, v_hm = k.permute(1, 0, 2), v.permute(1, 0, 2)  # (kv_heads, tokens, dim) views
     out = torch.empty_like(q)
-    for g in plan:
-        if g.batch == 1:  # plain slices, no padding
-            queries, keys, values = q[g.q0:g.q1][None], k[g.k0:g.k1][None], v[g.k0:g.k1][None]
-            if g.cache_src is not None:
-                keys = torch.cat([k_cache.flatten(0, 1).index_select(0, g.cache_src)[None], keys], dim=1)
-                values = torch.cat([v_cache.flatten(0, 1).index_select(0, g.cache_src)[None], values], dim=1)
+    out_g = out.view(q.shape[0], num_kv_heads, group, head_dim)
+    for i, (g, qp) in enumerate(zip(keys_plan.groups, queries_plan)):
+        if qp.max_q == 0:
+            continue
+        batch, max_k = g.batch, g.max_k
+        queries = qg[:, qp.q0:qp.q1] if qp.q0 >= 0 else qg.index_select(1, qp.q_src)
+        queries = queries.reshape(num_kv_heads * batch, qp.max_q * group, head_dim).to(work)
+        if g.cache_src is not None:  # the gathered cached rows, then the current keys copied over their rows
+            keys, values = gathered[i][0], gathered[i][1]  # (kv_heads, batch * max_k, dim)
+            k_cur = k_hm if g.cur_src is None else k_hm.index_select(1, g.cur_src)
+            v_cur = v_hm if g.cur_src is None else v_hm.index_select(1, g.cur_src)
+            keys.index_copy_(1, g.cur_dst, k_cur.to(keys.dtype))
+            values.index_copy_(1, g.cur_dst, v_cur.to(values.dtype))
+        elif batch == 1:
+            keys, values = k_hm[:, g.k0:g.k1], v_hm[:, g.k0:g.k1]
         else:
-            queries = q.index_select(0, g.q_src).unflatten(0, (g.batch, -1))  # (batch, max_q, heads, dim)
-            if g.cache_src is None:
-                keys, values = k.index_select(0, g.k_src), v.index_select(0, g.k_src)
-            else:  # the cached slots, then the current keys copied over their slots
-                keys = k_cache.flatten(0, 1).index_select(0, g.cache_src)
-                values = v_cache.flatten(0, 1).index_select(0, g.cache_src)
-                k_cur, v_cur = (k, v) if g.cur_src is None else (k.index_select(0, g.cur_src), v.index_select(0, g.cur_src))
-                keys.index_copy_(0, g.cur_dst, k_cur)
-                values.index_copy_(0, g.cur_dst, v_cur)
-            keys, values = keys.unflatten(0, (g.batch, -1)), values.unflatten(0, (g.batch, -1))
-        mask = g.key_mask
+            keys, values = k_hm.index_select(1, g.k_src), v_hm.index_select(1, g.k_src)
+        keys = keys.reshape(num_kv_heads * batch, max_k, head_dim).to(work)
+        values = values.reshape(num_kv_heads * batch, max_k, head_dim).to(work)
+        scores = torch.bmm(queries, keys.transpose(1, 2))  # (kv_heads * batch, max_q * group, max_k)
+        scores = scores.mul_(scale)
+        mask = None if g.key_mask is None else g.key_mask[None, :, :, None, :]  # (1, batch, 1, 1, max_k)
         if isinstance(causal_block, torch.Tensor) or causal_block:
-            q_pos = positions.index_select(0, g.q_src).view(g.batch, -1)
-            k_pos = torch.where(g.is_cached, g.key_slot, positions.index_select(0, g.k_src).view(g.batch, -1))
+            q_pos = positions.index_select(0, qp.q_src).view(batch, -1)
+            k_pos = torch.where(g.is_cached, torch.arange(max_k, device=q.device)[None],
+                                positions.index_select(0, g.k_src).view(batch, -1))
             cb = causal_block
             if isinstance(cb, torch.Tensor):  # each sequence its own block length: (batch, 1, 1)
-                cb = cb.index_select(0, g.q_src).view(g.batch, -1)[:, :1, None]
-            mask = (k_pos[:, None, :] // cb) <= (q_pos[:, :, None] // cb)
-            mask = mask if g.key_mask is None else mask & g.key_mask
-        o = _softmax_attention(queries, keys, values, mask, scale, softmax_dtype)  # (batch, max_q, heads, dim)
-        if g.batch == 1:
-            out[g.q0:g.q1] = o[0]
+                cb = cb.index_select(0, qp.q_src).view(batch, -1)[:, :1, None]
+            seen = (k_pos[:, None, :] // cb) <= (q_pos[:, :, None] // cb)  # (batch, max_q, max_k)
+            seen = seen[None, :, :, None, :]
+            mask = seen if mask is None else mask & seen
+        if mask is not None:
+            scores.view(num_kv_heads, batch, qp.max_q, group, max_k).masked_fill_(~mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(work)
+        o = torch.bmm(probs, values).view(num_kv_heads, batch * qp.max_q, group, head_dim)
+        if qp.q0 >= 0:
+            out_g[qp.q0:qp.q1] = o.permute(1, 0, 2, 3)
         else:
-            out.index_copy_(0, g.out_rows, o.flatten(0, 1).index_select(0, g.out_src))
+            out_g.index_copy_(0, qp.out_rows, o.index_select(1, qp.out_src).permute(1, 0, 2, 3).to(q.dtype))
     return out
-
-
-@dataclass(frozen=True)
-class _Group:
-    """The gather indices of one group of sequences attended together. Query
-    padding reads the sequence's first query; key padding reads a real key
-    (a current one, or with a cache the first cached slot of the group), so
-    every padded value is finite before the mask removes it."""
-
-    batch: int  # sequences in the group
-    q_src: torch.Tensor  # (batch * max_q,) rows of q
-    k_src: torch.Tensor  # (batch * max_k,) rows of k
-    cache_src: torch.Tensor | None  # slots in the flattened cache: (batch * max_k,), or (n,) when batch == 1
-    cur_src: torch.Tensor | None  # with a cache: the group's rows of k (None: all of them, in order) ...
-    cur_dst: torch.Tensor | None  # ... and the (batch * max_k) slots they take
-    is_cached: torch.Tensor  # (batch, max_k) bool: the slot holds a cached key
-    key_slot: torch.Tensor  # (1, max_k) slot index j (a cached key's canvas position)
-    key_mask: torch.Tensor | None  # (batch, 1, max_k) bool keys that exist; None = all do
-    out_rows: torch.Tensor | None  # (num_queries,) rows of out ...
-    out_src: torch.Tensor | None  # ... and the (batch * max_q) rows they come from
-    q0: int = 0  # batch == 1: the sequence's query and current-key spans
-    q1: int = 0
-    k0: int = 0
-    k1: int = 0
-
-
-@functools.lru_cache(maxsize=8)
-def _attention_plan(cu_q: tuple[int, ...], cu_k: tuple[int, ...], cached: tuple[int, ...],
-                    table: tuple[tuple[int, ...], ...] | None, page_size: int, device: str) -> tuple[_Group, ...]:
-    num_seqs = len(cu_q) - 1
-    q_lens = [cu_q[i + 1] - cu_q[i] for i in range(num_seqs)]
-    k_lens = [cached[i] + cu_k[i + 1] - cu_k[i] for i in range(num_seqs)]
-
-    def tensor(values, dtype=torch.long) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=device)
-
-    plan = []
-    for group in attention_groups(q_lens, k_lens):
-        batch = len(group)
-        max_q, max_k = max(q_lens[i] for i in group), max(k_lens[i] for i in group)
-        q_src, k_src, cache_src, is_cached, key_valid, out_rows, out_src = [], [], [], [], [], [], []
-        cur = []  # (row of k, its slot) of the group's current keys
-        # Padding reads a cached key that exists (finite), then is masked.
-        filler = next((table[i][0] * page_size for i in group if cached[i]), 0)
-        for b, i in enumerate(group):
-            n, any_key = cached[i], cu_k[i] if cu_k[i + 1] > cu_k[i] else 0
-            q_src += [*range(cu_q[i], cu_q[i + 1])] + [cu_q[i]] * (max_q - q_lens[i])
-            k_src += [any_key] * n + [*range(cu_k[i], cu_k[i + 1])] + [any_key] * (max_k - k_lens[i])
-            cache_src += [table[i][j // page_size] * page_size + j % page_size for j in range(n)]
-            cache_src += [] if batch == 1 else [filler] * (max_k - n)
-            cur += [(r, b * max_k + n + r - cu_k[i]) for r in range(cu_k[i], cu_k[i + 1])]
-            is_cached += [True] * n + [False] * (max_k - n)
-            key_valid += [True] * k_lens[i] + [False] * (max_k - k_lens[i])
-            out_rows += range(cu_q[i], cu_q[i + 1])
-            out_src += range(b * max_q, b * max_q + q_lens[i])
-        key_mask = None if all(key_valid) else tensor(key_valid, torch.bool).view(batch, 1, max_k)
-        spans = (cu_q[group[0]], cu_q[group[0] + 1], cu_k[group[0]], cu_k[group[0] + 1]) if batch == 1 else ()
-        any_cached = any(cached[i] for i in group)
-        cur.sort()
-        cur_src = None if [r for r, _ in cur] == list(range(cu_k[-1])) else tensor([r for r, _ in cur])
-        plan.append(_Group(
-            batch, tensor(q_src), tensor(k_src), tensor(cache_src) if any_cached else None,
-            cur_src if any_cached else None, tensor([d for _, d in cur]) if any_cached else None,
-            tensor(is_cached, torch.bool).view(batch, max_k), torch.arange(max_k, device=device)[None], key_mask,
-            None if batch == 1 else tensor(out_rows), None if batch == 1 else tensor(out_src), *spans))
-    return tuple(plan)  # shared by every caller with these lengths: not to be changed
-
-
-def attention_groups(q_lens: list[int], k_lens: list[int], max_waste: float = 2.0) -> list[list[int]]:
-    """Splits sequences into groups that share one padded attention call.
-    Sorted by key length, a group takes the next sequence while the group's
-    padded work (size x longest queries x longest keys) stays within
-    ``max_waste`` times its real work and every member's padded share
-    within ``2 * max_waste`` times its own (so one short sequence never
-    rides with a long one). Sequences without queries are left out."""
-    order = sorted((i for i in range(len(q_lens)) if q_lens[i]), key=lambda i: (-k_lens[i], -q_lens[i]))
-    groups: list[list[int]] = []
-    work = max_q = min_row = 0
-    for i in order:
-        row = q_lens[i] * k_lens[i]
-        if groups:
-            g_work, g_q, g_min = work + row, max(max_q, q_lens[i]), min(min_row, row)
-            g_row = g_q * k_lens[groups[-1][0]]  # the padded (queries x keys) of every member
-            if (len(groups[-1]) + 1) * g_row <= max_waste * g_work and g_row <= 2 * max_waste * g_min:
-                groups[-1].append(i)
-                work, max_q, min_row = g_work, g_q, g_min
-                continue
-        groups.append([i])
-        work, max_q, min_row = row, q_lens[i], row
-    return groups
-
-
-def _softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                       scale: float | None, softmax_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """q: (batch, num_q, heads, dim); k, v: (batch, num_k, kv_heads, dim);
-    mask: None or bool broadcastable to (batch, num_q, num_k), true = attend.
-    Returns (batch, num_q, heads, dim).
-
-    Scores, softmax and the weighted sum as two batched GEMMs: at the sizes a
-    denoising step has on CPU (tens of queries and keys per sequence) this is
-    about twice as fast as SDPA's flash kernel and equal to it up to float
-    rounding. 16-bit inputs are computed in float32 (products, softmax and
-    weighted sum), float64 in float64."""
-    num_heads, num_kv_heads = q.shape[2], k.shape[2]
-    out_dtype = q.dtype
-    if q.dtype not in (torch.float32, torch.float64):  # 16-bit inputs: products and sums in float32
-        q, k, v = q.float(), k.float(), v.float()
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if num_kv_heads != num_heads:
-        kh, vh = kh.repeat_interleave(num_heads // num_kv_heads, 1), vh.repeat_interleave(num_heads // num_kv_heads, 1)
-    scores = torch.matmul(qh, kh.transpose(-1, -2))  # (batch, heads, num_q, num_k)
-    scores = scores * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
-    o = torch.matmul(torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(scores.dtype), vh)
-    return o.transpose(1, 2).to(out_dtype)
 
 
 def select_commits(

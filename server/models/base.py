@@ -111,10 +111,15 @@ class RaggedLM(nn.Module):
                 return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, **extra)
         else:
             def attend(layer, q, k, v, cu_q=cu_seqlens):
+                # The CPU twin takes every layer's cached keys from one gather, made at its first call
+                # (a step never reads the slots it writes); the Triton kernel reads the pages in place.
+                def cached_kv():
+                    return cache.gathered(layer, cu_seqlens)
+
                 cache.write(layer, k, v)
                 return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, k_cache=cache.cache.k[layer],
                                             v_cache=cache.cache.v[layer], block_table=cache.block_table,
-                                            cache_seqlens=cache.cache_seqlens, **extra)
+                                            cache_seqlens=cache.cache_seqlens, cached_kv=cached_kv, **extra)
 
         rows_attend = None
         if logits_cu_seqlens is not None:

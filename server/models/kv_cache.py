@@ -5,6 +5,13 @@ A request owns a list of pages (its block table), reserved at admission for
 its whole canvas. Attention is non-causal, so what a request caches is a set
 of keys, not a sequence: the cache modes store whichever positions they keep
 (the prefix, or prefix and suffix) packed from slot 0 of the request's pages.
+
+Layout: one tensor for every layer's keys and values, head-major, ``(2,
+num_layers, num_kv_heads, num_pages * page_size, head_dim)``. Per layer the
+Triton kernel reads it through its strides as (num_pages, page_size,
+num_kv_heads, head_dim) pages; on CPU a step's cached keys of every layer are
+one gather (``kernels.attention_plan.gather_cached``) into the layout the
+attention products take, and a fill's write is one copy per layer.
 """
 from __future__ import annotations
 
@@ -12,22 +19,33 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import attention_plan
+
 
 @dataclass
 class PagedKVCache:
-    k: list[torch.Tensor]  # layer -> (num_pages, page_size, num_kv_heads, head_dim)
-    v: list[torch.Tensor]  # layer -> (num_pages, page_size, num_kv_heads, head_dim)
+    kv: torch.Tensor  # (2, num_layers, num_kv_heads, num_pages * page_size, head_dim): keys, then values
+    page_size: int
 
     @classmethod
     def allocate(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "PagedKVCache":
-        shape = (num_pages, page_size, num_kv_heads, head_dim)
-        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)],
-                   [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)])
+        kv = torch.zeros((2, num_layers, num_kv_heads, num_pages * page_size, head_dim), dtype=dtype, device=device)
+        return cls(kv, page_size)
+
+    def _pages(self, which: int, layer: int) -> torch.Tensor:
+        heads, slots, dim = self.kv.shape[2:]
+        return self.kv[which, layer].view(heads, slots // self.page_size, self.page_size, dim).permute(1, 2, 0, 3)
 
     @property
-    def page_size(self) -> int:
-        return self.k[0].shape[1]
+    def k(self) -> list[torch.Tensor]:
+        """layer -> (num_pages, page_size, num_kv_heads, head_dim) view of its keys."""
+        return [self._pages(0, layer) for layer in range(self.kv.shape[1])]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        """layer -> (num_pages, page_size, num_kv_heads, head_dim) view of its values."""
+        return [self._pages(1, layer) for layer in range(self.kv.shape[1])]
 
 
 @dataclass
@@ -45,10 +63,28 @@ class CacheView:
         if self.write_slots is not None:
             self._rows = (self.write_slots >= 0).nonzero().squeeze(1)
             self._slots = self.write_slots.index_select(0, self._rows)
+            if self._rows.numel() == self.write_slots.numel():
+                self._rows = None  # every token stores: no selection
+        self._gathered: tuple[torch.Tensor | None, ...] | None = None
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Stores this layer's keys and values of the tokens that have a slot."""
-        if self._rows is None or self._rows.numel() == 0:
+        """Stores this layer's keys and values of the tokens that have a slot:
+        one copy into the pool. k, v: (num_tokens, num_kv_heads, head_dim)."""
+        if self._slots is None or self._slots.numel() == 0:
             return
-        self.cache.k[layer].view(-1, *k.shape[1:]).index_copy_(0, self._slots, k.index_select(0, self._rows))
-        self.cache.v[layer].view(-1, *v.shape[1:]).index_copy_(0, self._slots, v.index_select(0, self._rows))
+        kv = torch.stack((k, v))  # (2, num_tokens, num_kv_heads, head_dim)
+        if self._rows is not None:
+            kv = kv.index_select(1, self._rows)
+        self.cache.kv[:, layer].index_copy_(2, self._slots, kv.permute(0, 2, 1, 3))
+
+    def gathered(self, layer: int, cu_seqlens: list[int]) -> tuple[torch.Tensor | None, ...]:
+        """This layer's cached keys and values as the CPU attention twin takes
+        them (per group of the step's key plan, (2, num_kv_heads, batch *
+        max_k, head_dim)), every layer gathered at the first call. The slots a
+        step reads were written by earlier steps, never by this one, so one
+        gather before the first layer serves them all."""
+        if self._gathered is None:
+            keys = attention_plan.plan_keys(cu_seqlens, self.cache_seqlens, self.block_table, self.cache.page_size,
+                                            self.cache.kv.device)
+            self._gathered = attention_plan.gather_cached(keys, self.cache.kv)
+        return tuple(None if g is None else g[:, layer] for g in self._gathered)

@@ -145,3 +145,25 @@ def test_dispatch(device, monkeypatch):
 def test_large_shapes_on_gpu(spec, dtype, device):
     args, cache = make_batch(device, dtype, **spec)
     assert_matches_twin(args, cache)
+
+
+def test_reads_the_head_major_pool_in_place(device):
+    """The engine's KV pool (server.models.kv_cache: every layer's keys and
+    values in one head-major tensor) read through one block table per step:
+    the kernel takes each layer's page view by its strides and equals the
+    CPU twin fed the step's one gather of every layer."""
+    from server.models.kv_cache import CacheView, PagedKVCache
+
+    (q, k, v, cu_q, cu_k), cache = make_batch(device, torch.float32, [5, 12, 1], cache_lens=[40, 0, 19],
+                                              num_heads=4, num_kv_heads=2, page_size=16)
+    table, lens = cache["block_table"], cache["cache_seqlens"]
+    pool = PagedKVCache.allocate(2, cache["k_cache"].shape[0], 16, 2, 16, torch.float32, device)
+    pool.kv.copy_(torch.randn(pool.kv.shape, generator=torch.Generator().manual_seed(1)).to(device))
+    view = CacheView(pool, table, lens, None)
+    for layer in range(2):
+        paged = dict(k_cache=pool.k[layer], v_cache=pool.v[layer], block_table=table, cache_seqlens=lens)
+        assert not paged["k_cache"].is_contiguous()  # pages seen through strides, not copied
+        out = attention.varlen_attention(q, k, v, cu_q, cu_k, **paged)
+        want = reference.varlen_attention(q, k, v, cu_q, cu_k, **paged,
+                                          cached_kv=lambda: view.gathered(layer, cu_k))
+        torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
