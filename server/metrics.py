@@ -38,6 +38,9 @@ class Metrics:
                                  ["model_name", "kind"], registry=r)
         self._success = Counter("llada_request_success", "Finished requests by finish reason.",
                                 ["model_name", "finished_reason"], registry=r)
+        self._fatal = Counter("llada_engine_fatal_errors", "Failures that stopped the engine, by kind (device: a "
+                              "CUDA error or persistent OOM; engine: the loop itself); the process then exits "
+                              "non-zero to be restarted.", ["model_name", "kind"], registry=r)
         self.steps = counter("llada_denoising_steps", "Engine steps (one batched forward each).")
         self.committed = counter("llada_committed_tokens", "Canvas tokens committed by denoising.")
         self.ttft = hist("llada_time_to_first_token_seconds", "Arrival to first final token.", LATENCY_BUCKETS)
@@ -59,6 +62,9 @@ class Metrics:
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
+
+    def fatal(self, kind: str) -> None:
+        self._fatal.labels(self.model_name, kind).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

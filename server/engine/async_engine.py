@@ -8,8 +8,9 @@ state on the loop thread; outputs come back through a per-request asyncio
 queue. A caller that goes away
 (cancelled, client disconnected) aborts its request, which leaves the batch
 before the next step. A failure inside one request fails that request alone;
-if the loop itself dies, every caller gets an error, ``is_dead`` turns true
-and ``on_fatal`` is called so the process can exit non-zero.
+on a device fault (server/engine/faults.py), or if the loop itself dies,
+every caller gets an error, ``is_dead`` turns true, the metrics count it and
+``on_fatal`` is called so the process can exit non-zero.
 
 A step's outputs reach the callers' event loop in one hand-over (one wake-up
 per step, not one per request), and a caller gets only the outputs it can
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Callable
 
 from sampler.params import DiffusionParams, LikelihoodParams
 from server.engine.facts import ModelFacts, RequestError
+from server.engine.faults import DeviceFault
 from server.engine.likelihood import LikelihoodRequest
 from server.engine.messages import RequestOutput
 from server.engine.request import Request, RequestStatus
@@ -225,9 +227,12 @@ class AsyncEngine:
                 outputs = self.engine.step()
                 self._record_step(time.perf_counter() - t0, outputs)
                 self._deliver_all(outputs)
-        except BaseException as e:  # the loop itself broke: nothing can be served any more
+        except BaseException as e:  # a device fault, or the loop itself broke: nothing can be served any more
             logger.exception("engine loop died")
             self.dead = error = e
+            self.metrics.fatal("device" if isinstance(e, DeviceFault) else "engine")
+            for _ in self._requests:  # every request in flight fails with it
+                self.metrics.finished(RequestStatus.FINISHED_ERROR.value)
             if self.on_fatal is not None:
                 self.on_fatal(e)
         finally:  # no stream is left waiting, whether the loop died or was shut down

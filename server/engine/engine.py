@@ -12,6 +12,7 @@ from types import MappingProxyType
 from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.facts import ModelFacts
+from server.engine.faults import check_device
 from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
@@ -110,10 +111,11 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()
-        failed: list[RequestOutput] = []
+        failed = [RequestOutput(req_id, [], [], True, "error", error) for req_id, error in sched.failed.items()]
         try:
             result = self.runner.execute(sched)
-        except Exception:
+        except Exception as e:
+            check_device(e, alone=False)  # a CUDA error stops the engine; an OOM is retried split
             # Find the request that broke the batch: run each alone; those that
             # still fail are failed, the rest keep their step.
             logger.warning("a batch of %d failed; running its requests one by one", len(sched.seqs), exc_info=True)
@@ -131,6 +133,7 @@ class LLMEngine:
                     result.logprobs.update(alone.logprobs)
                     result.scores.update(alone.scores)
                 except Exception as e:
+                    check_device(e, alone=True)
                     logger.exception("request %s failed in the model runner", req_id)
                     failed.append(self._fail(req_id, e))
         num_committed = sum(len(positions) for positions, _ in result.commits.values())

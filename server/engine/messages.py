@@ -67,6 +67,8 @@ class SchedulerOutput:
     seqs: list[ScheduledSeq] = field(default_factory=list)  # those that take a step now
     scores: list[ScheduledScore] = field(default_factory=list)  # likelihood samples scored now
     admitted: list[str] = field(default_factory=list)  # req_ids moved from waiting to running
+    # req_id -> error: requests whose own state broke scheduling; failed and removed, the rest go on
+    failed: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -8,6 +8,10 @@ requests are admitted first-come first-served while the batch has room
 modes). A request's canvas length is fixed at admission, so the batch never
 has to preempt anyone.
 
+An exception raised by one request's own state while it is scheduled or
+updated fails that request alone (``SchedulerOutput.failed``, an "error"
+output); every other request's step goes on.
+
 The budget, ``max_num_batched_tokens``, bounds the tokens a step puts
 through the model: the whole canvas for an exact step or a cache fill (cfg
 counts the unconditional canvas too), the block (+ suffix for prefix_cache)
@@ -20,7 +24,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from server.engine.likelihood import LikelihoodRequest
+from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, ScheduledSeq, SchedulerOutput
 from server.engine.pages import PageAllocator
 from server.engine.request import Request, RequestStatus
@@ -121,12 +125,16 @@ class Scheduler:
         max_extra = max((r.num_tokens - use_tokens(r) for r in self.running), default=0)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            if not self._admits(req, use_sum, max_extra):
-                break  # first come, first served: no overtaking
-            if req.uses_cache:
-                if not self.pages.can_allocate(len(req.canvas)):
-                    break
-                req.pages = self.pages.allocate(len(req.canvas))
+            try:
+                if not self._admits(req, use_sum, max_extra):
+                    break  # first come, first served: no overtaking
+                if req.uses_cache:
+                    if not self.pages.can_allocate(len(req.canvas)):
+                        break
+                    req.pages = self.pages.allocate(len(req.canvas))
+            except Exception as e:  # noqa: BLE001 - its own state: it fails alone
+                self._drop(req.req_id, e, out)
+                continue
             self.waiting.popleft()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
@@ -137,27 +145,36 @@ class Scheduler:
         stepping: list[Request] = []
         fills: list[Request] = []
         budget = self.config.max_num_batched_tokens
-        for req in self.running:
-            if isinstance(req, LikelihoodRequest):  # a chunk of samples, and its greedy check's step
-                chunk = req.next_chunk()
-                if chunk is not None:
-                    out.scores.append(chunk)
-                    budget -= len(chunk.sample_ids) * req.canvas_tokens  # runs every step, as use steps do
-                if req.greedy is None:
+        for owner in list(self.running):
+            req = owner
+            try:
+                if isinstance(req, LikelihoodRequest):  # a chunk of samples, and its greedy check's step
+                    chunk = req.next_chunk()
+                    if chunk is not None:
+                        out.scores.append(chunk)
+                        budget -= len(chunk.sample_ids) * req.canvas_tokens  # runs every step, as use steps do
+                    if req.greedy is None:
+                        continue
+                    req = req.greedy
+                req.skip_empty_steps()
+                if req.is_done:
                     continue
-                req = req.greedy
-            req.skip_empty_steps()
-            if req.is_done:
-                continue
-            if req.cache_action() == "fill":
-                fills.append(req)
-            else:
-                stepping.append(req)
-                budget -= req.step_tokens()
+                if req.cache_action() == "fill":
+                    fills.append(req)
+                else:
+                    cost = req.step_tokens()
+                    stepping.append(req)
+                    budget -= cost
+            except Exception as e:  # noqa: BLE001 - its own state: it fails alone
+                self._drop(owner.req_id, e, out)
         # Longest-deferred first (a stable sort keeps admission order among equals).
         fills.sort(key=lambda r: self.num_steps if r.deferred_since is None else r.deferred_since)
         for req in fills:
-            cost = req.step_tokens()
+            try:
+                cost = req.step_tokens()
+            except Exception as e:  # noqa: BLE001
+                self._drop(req.req_id, e, out)
+                continue
             if cost <= budget:
                 budget -= cost
                 req.deferred_since = None
@@ -165,8 +182,21 @@ class Scheduler:
             elif req.deferred_since is None:
                 req.deferred_since = self.num_steps
         for req in stepping:
-            out.seqs.append(self._scheduled(req))
+            try:
+                out.seqs.append(self._scheduled(req))
+            except Exception as e:  # noqa: BLE001
+                self._drop(req.req_id, e, out)
         return out
+
+    def _drop(self, req_id: str, error: Exception, out: SchedulerOutput) -> None:
+        """Fails a request whose own state broke scheduling (the one a
+        greedy check belongs to), with whatever of it was already planned;
+        everyone else's step goes on."""
+        req_id = owner_of(req_id)
+        req = self.abort(req_id, RequestStatus.FINISHED_ERROR, f"{type(error).__name__}: {error}")
+        out.scores = [s for s in out.scores if s.req_id != req_id]
+        out.seqs = [s for s in out.seqs if owner_of(s.req_id) != req_id]
+        out.failed[req_id] = req.error if req is not None else str(error)
 
     @staticmethod
     def _scheduled(req: Request) -> ScheduledSeq:
@@ -189,30 +219,43 @@ class Scheduler:
         done. Returns one output per request that was stepped or finished."""
         outputs = []
         for req in list(self.running):
-            if isinstance(req, LikelihoodRequest):
-                greedy_id = req.greedy.req_id if req.greedy is not None else None
-                req.record(result.scores.get(req.req_id), result.commits.get(greedy_id))
-                if req.is_done:
-                    req.status = req.finish_status()
-                    self.running.remove(req)
-                    outputs.append(RequestOutput(req.req_id, [], [], True, req.status.value,
-                                                 num_steps=req.num_forward_steps, likelihood=req.result()))
-                continue
-            committed = result.commits.get(req.req_id)
-            new_ids: list[int] = []
-            if committed is not None:
-                new_ids = req.commit(*committed, result.logprobs.get(req.req_id))
-                if req.first_token_time is None and new_ids:
-                    req.first_token_time = time.monotonic()
-            if req.is_done:
-                req.status = req.finish_status()
-                self.running.remove(req)
-                self._release(req)
-            if committed is not None or req.status.is_finished:
-                outputs.append(RequestOutput(
-                    req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids,
-                    finished=req.status.is_finished,
-                    finish_reason=req.status.value if req.status.is_finished else None,
-                    committed=committed, confidences=result.confidences.get(req.req_id),
-                    num_steps=req.num_forward_steps, logprobs=req.output_logprobs))
+            try:
+                out = self._update_one(req, result)
+            except Exception as e:  # noqa: BLE001 - its own state: it fails alone
+                error = f"{type(e).__name__}: {e}"
+                if self.abort(req.req_id, RequestStatus.FINISHED_ERROR, error) is None:  # already out of the batch
+                    self._release(req)
+                    req.status, req.error = RequestStatus.FINISHED_ERROR, error
+                out = RequestOutput(req.req_id, [], [], True, RequestStatus.FINISHED_ERROR.value, error)
+            if out is not None:
+                outputs.append(out)
         return outputs
+
+    def _update_one(self, req: Request | LikelihoodRequest, result: RunnerOutput) -> RequestOutput | None:
+        """One request's part of ``update``: its output, if it stepped or finished."""
+        if isinstance(req, LikelihoodRequest):
+            greedy_id = req.greedy.req_id if req.greedy is not None else None
+            req.record(result.scores.get(req.req_id), result.commits.get(greedy_id))
+            if not req.is_done:
+                return None
+            req.status = req.finish_status()
+            self.running.remove(req)
+            return RequestOutput(req.req_id, [], [], True, req.status.value, num_steps=req.num_forward_steps,
+                                 likelihood=req.result())
+        committed = result.commits.get(req.req_id)
+        new_ids: list[int] = []
+        if committed is not None:
+            new_ids = req.commit(*committed, result.logprobs.get(req.req_id))
+            if req.first_token_time is None and new_ids:
+                req.first_token_time = time.monotonic()
+        if req.is_done:
+            req.status = req.finish_status()
+            self.running.remove(req)
+            self._release(req)
+        if committed is None and not req.status.is_finished:
+            return None
+        return RequestOutput(
+            req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids, finished=req.status.is_finished,
+            finish_reason=req.status.value if req.status.is_finished else None, committed=committed,
+            confidences=result.confidences.get(req.req_id), num_steps=req.num_forward_steps,
+            logprobs=req.output_logprobs)

@@ -226,3 +226,93 @@ def test_model_that_fails_to_load_exits_nonzero(tmp_path):
                            "--log-level", "warning"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "missing field(s) d_model" in proc.stderr
+
+
+CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
+
+
+def test_a_device_fault_fails_everything_in_flight(text_ckpt):
+    """A CUDA error in the model's forward: the streamed request gets an
+    error event then [DONE], the plain one a 503 envelope, /health turns 503,
+    new requests get 503, the metrics count it and on_fatal is called."""
+    import threading
+
+    import torch
+
+    srv = start_server(text_ckpt)
+    fatal = []
+    srv.engine.on_fatal = fatal.append
+    model = srv.engine.engine.runner.model
+    real, armed = model.forward, threading.Event()
+
+    def forward(*args, **kwargs):
+        if armed.is_set():
+            raise torch.AcceleratorError(CUDA_FAULT)
+        return real(*args, **kwargs)
+
+    model.forward = forward
+    url = srv.url + "/v1/completions"
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as client:
+                async def streamed():
+                    lines = []
+                    async with client.stream("POST", url, json=LONG) as r:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data: {") and srv.metric("llada_num_requests_running") >= 2:
+                                armed.set()  # both requests are in the batch
+                            if line:
+                                lines.append(line)
+                    return r.status_code, lines
+
+                return await asyncio.gather(streamed(), client.post(url, json={**LONG, "stream": False}))
+
+        (status, lines), plain = asyncio.run(asyncio.wait_for(scenario(), 60))
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])["error"]
+        assert error["code"] == "unavailable" and CUDA_FAULT in error["message"], error
+        assert plain.status_code == 503, plain.text
+        assert plain.json()["error"]["code"] == "unavailable" and CUDA_FAULT in plain.json()["error"]["message"]
+        assert httpx.get(srv.url + "/health").json() == {"status": "dead"}
+        assert httpx.get(srv.url + "/health").status_code == 503
+        assert httpx.post(url, json={"prompt": [5], "max_tokens": 4}).status_code == 503
+        assert len(fatal) == 1 and "device fault" in str(fatal[0])
+        assert srv.metric('llada_engine_fatal_errors_total{kind="device"') == 1
+        assert srv.metric('llada_request_success_total{finished_reason="error"') >= 2
+    finally:
+        srv.stop()
+
+
+# The server with a model whose forward hits a CUDA error on a prompt starting with token 13.
+FAULTY_DEVICE = """
+import sys
+import torch
+from server.models.base import RaggedLM
+real = RaggedLM.forward
+def forward(self, input_ids, *args, **kwargs):
+    if int(input_ids[0]) == 13:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return real(self, input_ids, *args, **kwargs)
+RaggedLM.forward = forward
+from server.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_device_fault_exits_nonzero(text_ckpt):
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-c", FAULTY_DEVICE, "--model", str(text_ckpt), "--port", str(port),
+                             "--log-level", "warning"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        r = httpx.post(url + "/v1/completions", json={"prompt": [13, 6], "max_tokens": 8, "block_length": 8},
+                       timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert proc.wait(60) == 1  # for the orchestrator to restart it
+        assert "device fault" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
