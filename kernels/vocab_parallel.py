@@ -69,12 +69,8 @@ class VocabShard:
         sampled = temperature > 0
         if bool(sampled.any()):
             idx = sampled.nonzero().squeeze(1)
-            ids = torch.arange(self.start, self.end, dtype=torch.int64, device=l.device)
-            offset = row_offset[idx].to(torch.int64)[:, None] * self.vocab_size + ids[None, :]
-            u = philox_uniform(seed[idx].to(torch.int64)[:, None], offset)
-            noise = (-torch.log(-torch.log(u))).to(work)
             scores = l.clone()
-            scores[idx] = l[idx] / temperature[idx].to(work)[:, None] + noise
+            scores[idx] = l[idx] / temperature[idx].to(work)[:, None] + self._noise(seed[idx], row_offset[idx], work)
         m = l.max(dim=1).values
         m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
         shifted = l - m_safe[:, None]
@@ -87,9 +83,7 @@ class VocabShard:
             top = torch.cat([top, torch.full_like(top[:, :1], float("-inf"))], dim=1)
         stats = torch.stack([m, s, t, scores.gather(1, best[:, None]).squeeze(1), (best + self.start).to(work),
                              l.gather(1, best[:, None]).squeeze(1), top[:, 0], top[:, 1]], dim=1).double()
-        parts = [torch.empty_like(stats) for _ in range(self.world)]
-        dist.all_gather(parts, stats.contiguous(), group=self.group)
-        g = torch.stack(parts).to(work)  # (world, rows, 8)
+        g = self._all_rows(stats).to(work)  # (world, rows, 8)
         m_r, s_r, t_r = g[..., 0], g[..., 1], g[..., 2]
         big_m = m_r.max(dim=0).values
         m_ok = torch.where(torch.isfinite(big_m), big_m, torch.zeros_like(big_m))
@@ -108,3 +102,62 @@ class VocabShard:
             shifted_sum = (w * (t_r + torch.where(w > 0, m_r - m_ok, torch.zeros_like(m_r)) * s_r)).sum(dim=0)
             out["entropy"] = (log_total - shifted_sum / total).float()
         return out
+
+    def sampling_scores(
+        self,
+        logits: torch.Tensor,  # (rows, end - start) this rank's slice
+        temperature: torch.Tensor,  # (rows,) float32; 0 = greedy
+        seed: torch.Tensor,  # (rows,) int64
+        row_offset: torch.Tensor,  # (rows,) int64
+    ) -> dict[str, torch.Tensor]:
+        """``sampler.distribution.sampling_scores`` of whole rows that no
+        top-k / top-p filter touches: the tempered distribution's
+        log-normaliser from one all_gather of (max, sum of exponentials),
+        then each rank's probabilities exactly as the whole row computes
+        them (x - max - log(sum)), and a second all_gather of the best
+        token, its probability, the top two and the entropy's share."""
+        work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        l = logits.to(work)
+        sampled = temperature > 0
+        t = torch.where(sampled, temperature, torch.ones_like(temperature)).to(work)[:, None]
+        scaled = l / t
+        m = scaled.max(dim=1).values
+        s = (scaled - m[:, None]).exp().sum(dim=1)
+        g = self._all_rows(torch.stack([m, s], dim=1).double()).to(work)  # (world, rows, 2)
+        big_m = g[..., 0].max(dim=0).values
+        log_total = (g[..., 1] * (g[..., 0] - big_m).exp()).sum(dim=0).log()
+        probs = ((scaled - big_m[:, None]) - log_total[:, None]).exp()
+        best = probs.argmax(dim=1)
+        best_val = probs.gather(1, best[:, None]).squeeze(1)
+        if bool(sampled.any()):
+            idx = sampled.nonzero().squeeze(1)
+            noisy = scaled[idx] + self._noise(seed[idx], row_offset[idx], work)
+            best[idx] = noisy.argmax(dim=1)
+            best_val = best_val.clone()
+            best_val[idx] = noisy.gather(1, best[idx, None]).squeeze(1)
+        top = probs.topk(min(2, probs.shape[1]), dim=1).values
+        if top.shape[1] < 2:
+            top = torch.cat([top, torch.zeros_like(top[:, :1])], dim=1)
+        entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=1)
+        stats = torch.stack([best_val, (best + self.start).to(work), probs.gather(1, best[:, None]).squeeze(1),
+                             top[:, 0], top[:, 1], entropy], dim=1).double()
+        g = self._all_rows(stats).to(work)  # (world, rows, 6)
+        winner = g[..., 0].argmax(dim=0)  # first rank holding the best: lowest token id on ties
+        chosen = g.gather(0, winner[None, :, None].expand(1, g.shape[1], g.shape[2])).squeeze(0)
+        cand = torch.cat([g[..., 3], g[..., 4]], dim=0).topk(2, dim=0).values
+        return {"x0": chosen[:, 1].to(torch.int64), "prob": chosen[:, 2], "margin": cand[0] - cand[1],
+                "entropy": g[..., 5].sum(dim=0)}
+
+    def _noise(self, seed: torch.Tensor, row_offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The Gumbel noise of this rank's tokens, drawn at the counters the
+        whole row draws them (``kernels.reference.gumbel_noise``)."""
+        ids = torch.arange(self.start, self.end, dtype=torch.int64, device=seed.device)
+        offset = row_offset.to(torch.int64)[:, None] * self.vocab_size + ids[None, :]
+        u = philox_uniform(seed.to(torch.int64)[:, None], offset)
+        return (-torch.log(-torch.log(u))).to(dtype)
+
+    def _all_rows(self, stats: torch.Tensor) -> torch.Tensor:
+        """(rows, k) per rank -> (world, rows, k) on every rank, in rank order."""
+        parts = [torch.empty_like(stats) for _ in range(self.world)]
+        dist.all_gather(parts, stats.contiguous(), group=self.group)
+        return torch.stack(parts)

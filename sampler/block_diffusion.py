@@ -166,10 +166,9 @@ def denoise_step(logits: torch.Tensor, rows: StepRows,
     remasking strategy ranked by).
 
     With ``vocab`` (tensor parallelism), ``logits`` are this rank's
-    vocabulary slice: LLaDA's scores are reduced across the ranks from
-    per-row statistics (``kernels.vocab_parallel``); steps with rows that
-    need the whole distribution (top-k / top-p, the families' sampling
-    distribution) gather their rows first.
+    vocabulary slice: the scores are reduced across the ranks from per-row
+    statistics (``kernels.vocab_parallel``); steps with rows that need the
+    whole distribution (top-k / top-p filters) gather their rows first.
 
     top-k / top-p restrict which token is sampled (rows with temperature > 0);
     the probability confidence stays the model's own probability of that
@@ -177,7 +176,7 @@ def denoise_step(logits: torch.Tensor, rows: StepRows,
     names = sorted(set(rows.remasking))
     needs = {"with_margin": any(REMASKING[n].needs_margin for n in names),
              "with_entropy": any(REMASKING[n].needs_entropy for n in names)}
-    if vocab is not None and (rows.any_filter or rows.family is not None):
+    if vocab is not None and _filters(rows):
         logits, vocab = vocab.gather(logits), None
     unmask_scores = ops.unmask_scores if vocab is None else vocab.unmask_scores
     if rows.any_filter:
@@ -194,8 +193,11 @@ def denoise_step(logits: torch.Tensor, rows: StepRows,
     prob_exact = scores["prob"]  # what threshold rules compare (the sampling distribution's, unrounded, if so)
     if fam is not None and bool(fam.dist.any()):
         idx = fam.dist.nonzero().squeeze(1)
-        dist = sampling_scores(logits[idx], rows.temperature[idx], rows.top_k[idx], rows.top_p[idx], rows.seed[idx],
-                               rows.row_offset[idx], fam.top_p_first[idx])
+        if vocab is None:
+            dist = sampling_scores(logits[idx], rows.temperature[idx], rows.top_k[idx], rows.top_p[idx],
+                                   rows.seed[idx], rows.row_offset[idx], fam.top_p_first[idx])
+        else:  # no filter touches these rows (else they were gathered above)
+            dist = vocab.sampling_scores(logits[idx], rows.temperature[idx], rows.seed[idx], rows.row_offset[idx])
         prob_exact = prob_exact.to(dist["prob"].dtype)
         prob_exact[idx] = dist["prob"]
         for key in ("x0", "prob", "margin", "entropy"):
@@ -228,14 +230,29 @@ def denoise_step(logits: torch.Tensor, rows: StepRows,
     return scores["x0"], commit, scores["prob"].float()
 
 
-def edit_step(logits: torch.Tensor, rows: StepRows, current: torch.Tensor,
-              editing_threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _filters(rows: StepRows) -> bool:
+    """Whether a top-k / top-p filter touches some row: sampled rows that
+    ask, and Dream's rows, which filter at T = 0 too."""
+    if rows.any_filter:
+        return True
+    fam = rows.family
+    return fam is not None and bool((fam.top_p_first & ((rows.top_k > 0) | (rows.top_p < 1))).any())
+
+
+def edit_step(logits: torch.Tensor, rows: StepRows, current: torch.Tensor, editing_threshold: torch.Tensor,
+              vocab: VocabShard | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LLaDA2.1's token editing over already decoded rows: a row is
     re-written with its x0 when x0 differs from its ``current`` token and
     its probability under the sampling distribution exceeds the row's
     ``editing_threshold``. logits: (num_rows, vocab); current (num_rows,)
-    int64; editing_threshold (num_rows,) float64. Returns (x0, edit, prob)."""
-    s = sampling_scores(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, rows.row_offset,
-                        torch.zeros_like(rows.row_seq, dtype=torch.bool))
+    int64; editing_threshold (num_rows,) float64. Returns (x0, edit, prob).
+    ``vocab``: as in ``denoise_step``."""
+    if vocab is not None and rows.any_filter:
+        logits, vocab = vocab.gather(logits), None
+    if vocab is not None:
+        s = vocab.sampling_scores(logits, rows.temperature, rows.seed, rows.row_offset)
+    else:
+        s = sampling_scores(logits, rows.temperature, rows.top_k, rows.top_p, rows.seed, rows.row_offset,
+                            torch.zeros_like(rows.row_seq, dtype=torch.bool))
     edit = (s["prob"].double() > editing_threshold) & (s["x0"] != current)
     return s["x0"], edit, s["prob"].float()

@@ -124,8 +124,8 @@ class ModelRunner:
         )
         out = RunnerOutput()
         vocab = getattr(self.model, "vocab_shard", None)  # tensor parallel: logits are this rank's vocabulary slice
-        if vocab is not None and (pack is not None or any(s.edit_rows or s.num_logprobs is not None for s in seqs)):
-            logits, vocab = vocab.gather(logits), None  # likelihood scores, edits and logprobs read whole rows
+        if vocab is not None and (pack is not None or any(s.num_logprobs is not None for s in seqs)):
+            logits, vocab = vocab.gather(logits), None  # likelihood scores and logprobs read whole rows
         if pack is not None:
             out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):])
             logits = logits[:len(cond_rows) + len(uncond_rows)]
@@ -136,7 +136,7 @@ class ModelRunner:
         row_logits = logits  # every row, each sequence's in canvas order: logprobs read them
         edits: dict[str, list[tuple[int, int, float]]] = {}
         if any(s.edit_rows for s in seqs):
-            logits, edits = self._edit(logits, seqs)
+            logits, edits = self._edit(logits, seqs, vocab)
 
         rows = StepRows.build(
             row_offsets=[[p - s.prompt_len for p in s.rows] for s in seqs],
@@ -209,7 +209,7 @@ class ModelRunner:
         default = self.model.config.block_causal_size
         return {"causal_blocks": [s.block_length or default for s in seqs] + [default] * (num_packed - len(seqs))}
 
-    def _edit(self, logits: torch.Tensor, seqs: list[ScheduledSeq]):
+    def _edit(self, logits: torch.Tensor, seqs: list[ScheduledSeq], vocab=None):
         """Splits the edit rows (LLaDA2.1) from the masked rows and decides
         the edits. logits: (rows + edit rows, vocab), each sequence's in
         canvas order. Returns (the masked rows' logits, req_id -> [(position,
@@ -236,7 +236,7 @@ class ModelRunner:
             top_ks=[s.top_k for s in seqs], top_ps=[s.top_p for s in seqs])
         x0, edit, prob = edit_step(logits[torch.tensor(edit_idx, device=dev)], rows,
                                    torch.tensor(current, dtype=torch.long, device=dev),
-                                   torch.tensor(tau, dtype=torch.float64, device=dev))
+                                   torch.tensor(tau, dtype=torch.float64, device=dev), vocab)
         edits: dict[str, list[tuple[int, int, float]]] = {}
         for n, (k, ok) in enumerate(zip(per_seq, edit.tolist())):
             if ok:

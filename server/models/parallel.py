@@ -13,8 +13,10 @@ code unchanged:
   outputs (the bias added once, after it);
 - MoE layers: the experts are split across ranks (expert parallel), the
   router runs on every rank, each rank computes its experts' share of the
-  weighted sum, the shared expert is column/row parallel, and the layer's
-  one ``all_reduce`` sums both partials;
+  weighted sum and one ``all_reduce`` (in the combine's dtype) adds the
+  shares; the shared expert is column/row parallel. Dispatch is implicit:
+  every rank sees every token (the residual stream is replicated), so no
+  all-to-all is needed;
 - the embedding and the LM head are vocabulary-parallel: the embedding
   looks up the ids it holds and ``all_reduce`` fills in the rest; the head
   gives each rank the logits of its vocabulary slice, which the sampler
@@ -74,19 +76,16 @@ class Split:
 
 class RowParallelLinear(nn.Module):
     """y = sum over ranks of x_r @ W_r^T (+ bias once): x arrives split by
-    columns, as the column-parallel layer before it leaves it. ``reduce``
-    False leaves the partial sum to a later all-reduce (MoE layers)."""
+    columns, as the column-parallel layer before it leaves it."""
 
-    def __init__(self, in_local: int, out: int, bias: bool, par: Parallel, reduce: bool = True):
+    def __init__(self, in_local: int, out: int, bias: bool, par: Parallel):
         super().__init__()
-        self.par, self.reduce = par, reduce
+        self.par = par
         self.weight = nn.Parameter(torch.empty(out, in_local))
         self.bias = nn.Parameter(torch.empty(out)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
-        if self.reduce:
-            self.par.all_reduce(y)
+        y = self.par.all_reduce(F.linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
 
@@ -105,27 +104,18 @@ class VocabParallelEmbedding(nn.Module):
         return self.par.all_reduce(x.masked_fill(~mine[:, None], 0))
 
 
-class ReducedOutput(nn.Module):
-    """A module whose output is a partial sum on each rank (MoE: the local
-    experts' share plus the shared expert's partial), all-reduced once."""
-
-    def __init__(self, inner: nn.Module, par: Parallel):
-        super().__init__()
-        self.inner, self.par = inner, par
-
-    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self.par.all_reduce(self.inner(*args, **kwargs))
-
-
 class LocalExperts(nn.Module):
     """Experts [first, first + num_local) of a routed layer: each rank
     computes the weighted sum over only the (token, k) pairs routed to its
     experts, the others contributing exactly zero, in the same order and
-    dtypes as ``kernels.reference.fused_moe``."""
+    dtypes as ``kernels.reference.fused_moe``, and the partial sums are
+    all-reduced in the combine's dtype (LLaDA2 combines in float32 whatever
+    the model dtype), so with two experts per token the sum is the one the
+    whole layer computes, bit for bit."""
 
-    def __init__(self, first: int, num_local: int, hidden: int, intermediate: int):
+    def __init__(self, first: int, num_local: int, hidden: int, intermediate: int, par: Parallel):
         super().__init__()
-        self.first, self.intermediate = first, intermediate
+        self.first, self.intermediate, self.par = first, intermediate, par
         self.w_gate_up = nn.Parameter(torch.empty(num_local, 2 * intermediate, hidden))
         self.w_down = nn.Parameter(torch.empty(num_local, hidden, intermediate))
 
@@ -148,7 +138,8 @@ class LocalExperts(nn.Module):
                 gate_up = x.index_select(0, pairs // top_k) @ self.w_gate_up[e].t()
                 y[pairs] = (F.silu(gate_up[:, :inter]) * gate_up[:, inter:]) @ self.w_down[e].t()
             start += n
-        return (y.view(num_tokens, top_k, -1).to(weights.dtype) * weights[..., None]).sum(dim=1).to(x.dtype)
+        partial = (y.view(num_tokens, top_k, -1).to(weights.dtype) * weights[..., None]).sum(dim=1)
+        return self.par.all_reduce(partial).to(x.dtype)
 
 
 def _kv_heads(n_heads: int, n_kv: int, par: Parallel) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -189,8 +180,8 @@ class _Sharder:
             self.put(linear.bias, new, "bias", Split(0, pieces))
         return new
 
-    def row(self, linear: nn.Linear, start: int, end: int, reduce: bool = True) -> RowParallelLinear:
-        new = RowParallelLinear(end - start, linear.out_features, linear.bias is not None, self.par, reduce)
+    def row(self, linear: nn.Linear, start: int, end: int) -> RowParallelLinear:
+        new = RowParallelLinear(end - start, linear.out_features, linear.bias is not None, self.par)
         self.put(linear.weight, new, "weight", Split(1, [(start, end)]))
         if linear.bias is not None:
             self.put(linear.bias, new, "bias", None)
@@ -213,27 +204,27 @@ class _Sharder:
         hd = attn.head_dim
         attn.o_proj = self.row(attn.o_proj, self.par.rank * attn.n_heads * hd, (self.par.rank + 1) * attn.n_heads * hd)
 
-    def mlp(self, mlp: GatedMLP, reduce: bool = True) -> None:
+    def mlp(self, mlp: GatedMLP) -> None:
         mlp.gate_up_proj, a, b = self.gate_up(mlp.gate_up_proj, mlp.intermediate)
-        mlp.down_proj = self.row(mlp.down_proj, a, b, reduce)
+        mlp.down_proj = self.row(mlp.down_proj, a, b)
         mlp.intermediate = b - a
 
     def experts(self, experts: Experts) -> LocalExperts:
         num, hidden, inter = experts.w_down.shape
         e0, e1 = self.par.part(num)
-        new = LocalExperts(e0, e1 - e0, hidden, inter)
+        new = LocalExperts(e0, e1 - e0, hidden, inter, self.par)
         self.put(experts.w_gate_up, new, "w_gate_up", Split(0, [(2 * inter * e0, 2 * inter * e1)]))
         self.put(experts.w_down, new, "w_down", Split(0, [(hidden * e0, hidden * e1)]))
         return new
 
-    def moe(self, block: nn.Module) -> ReducedOutput:
+    def moe(self, block: nn.Module) -> None:
         """A routed block (router, ``experts``, optional shared GatedMLP):
-        local experts and the shared expert's partial, one all-reduce."""
+        the router on every rank, local experts, the shared expert column/row
+        parallel; one all-reduce each for the routed and the shared output."""
         block.experts = self.experts(block.experts)
         for child in block.children():
             if isinstance(child, GatedMLP):
-                self.mlp(child, reduce=False)
-        return ReducedOutput(block, self.par)
+                self.mlp(child)
 
     def vocab(self, embedding: nn.Embedding, head: nn.Linear | None) -> tuple[VocabParallelEmbedding, nn.Linear | None]:
         num, hidden = embedding.weight.shape
@@ -271,7 +262,7 @@ def shard_model(model: nn.Module, par: Parallel) -> dict[int, tuple[nn.Module, s
             if isinstance(layer.mlp, GatedMLP):
                 s.mlp(layer.mlp)
             elif isinstance(getattr(layer.mlp, "experts", None), Experts):
-                layer.mlp = s.moe(layer.mlp)
+                s.moe(layer.mlp)
             else:
                 raise ValueError(f"no tensor-parallel plan for {type(layer.mlp).__name__}")
         model.embed_tokens, model.lm_head = s.vocab(model.embed_tokens, model.lm_head)

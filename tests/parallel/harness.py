@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from kernels import reference
 from kernels.vocab_parallel import VocabShard
+from sampler.distribution import sampling_scores
 from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.engine import LLMEngine
@@ -63,15 +64,19 @@ def run_job(job: dict[str, Any], parallel: Parallel | None) -> Any:
         kwargs = dict(banned_ids=job["banned_ids"], with_margin=True, with_entropy=True)
         args = (job["temperature"], job["seed"], job["row_offset"])
         if parallel is None:
-            return reference.unmask_scores(logits, *args, **kwargs)
+            rows = logits.shape[0]
+            family = sampling_scores(logits, args[0], torch.zeros(rows, dtype=torch.int64), torch.ones(rows),
+                                     *args[1:], torch.zeros(rows, dtype=torch.bool))
+            return reference.unmask_scores(logits, *args, **kwargs), family
         shard = VocabShard(parallel.rank, parallel.size, logits.shape[1])
-        return shard.unmask_scores(logits[:, shard.start:shard.end], *args, **kwargs)
+        mine = logits[:, shard.start:shard.end]
+        return shard.unmask_scores(mine, *args, **kwargs), shard.sampling_scores(mine, *args)
     engine = LLMEngine(ModelConfig(model=job["path"], dtype=job["dtype"], device="cpu"),
                        SchedulerConfig(max_num_seqs=64, kv_cache_tokens=job.get("kv_cache_tokens", 4096)),
                        parallel=parallel)
     out: dict[str, Any] = {}
     for i, (prompt, params) in enumerate(job["requests"]):
-        engine.add_request(f"g{i}", prompt, DiffusionParams(**params))
+        engine.add_request(f"g{i}", prompt, DiffusionParams(**(engine.decoding_defaults | params)))
     for i, (context, continuation, params) in enumerate(job.get("likelihood", [])):
         engine.scheduler.add(engine.make_likelihood_request(f"l{i}", context, continuation, LikelihoodParams(**params)))
     while engine.has_unfinished():

@@ -73,7 +73,7 @@ def scores_job() -> dict:
     logits[2, [10, 40]] = 9.0  # tie across the split: 10 wins
     logits[3, [31, 50]] = 9.0  # tie inside rank 1: 31 wins
     logits[4, [29, 30]] = 9.0  # tie at the boundary: 29 wins
-    logits[5, 7] = 12.0  # banned: the next best wins
+    logits[5, 7] = 12.0  # banned: the next best wins (LLaDA's scores; the families' ban nothing)
     return dict(kind="scores", logits=logits, banned_ids=torch.tensor([7]),
                 temperature=torch.tensor([0, 0, 0, 0, 0, 0, 0.7, 1.5], dtype=torch.float32),
                 seed=torch.arange(8, dtype=torch.int64) + 100, row_offset=torch.arange(8, dtype=torch.int64) * 3)
@@ -138,8 +138,11 @@ def test_vocab_parallel_scores_equal_whole_rows(results):
     for job, got, got1, want in zip(jobs, tp[0], tp[1], single):
         if job["kind"] != "scores":
             continue
-        assert want["x0"][:6].tolist() == [45, 3, 10, 31, 29, want["x0"][5].item()] and want["x0"][5] != 7
+        llada, family = want
+        assert llada["x0"][:6].tolist() == [45, 3, 10, 31, 29, llada["x0"][5].item()] and llada["x0"][5] != 7
+        assert family["x0"][:5].tolist() == [45, 3, 10, 31, 29]
         for rank in (got, got1):
-            assert torch.equal(rank["x0"], want["x0"])
-            for key in ("prob", "margin", "entropy"):
-                torch.testing.assert_close(rank[key], want[key], rtol=1e-6, atol=1e-7)
+            for mine, whole in zip(rank, want):  # LLaDA's scores, then the families' (no filter)
+                assert torch.equal(mine["x0"], whole["x0"])
+                for key in ("prob", "margin", "entropy"):
+                    torch.testing.assert_close(mine[key].double(), whole[key].double(), rtol=1e-6, atol=1e-7)
