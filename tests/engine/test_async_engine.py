@@ -57,3 +57,39 @@ def test_outputs_filtered_and_handed_over_once_per_step(tmp_path):
         assert [t for o in got for t in o.new_token_ids] == final.token_ids  # and nothing is lost
     assert sum(map(len, filtered)) < sum(map(len, every))
     assert handovers <= steps  # four requests, one wake-up per step at most
+
+
+def test_the_client_surface_while_loading_and_after(tmp_path):
+    """Until the engine thread has loaded the model there are no facts and
+    validate/submit say so; then facts is the engine's own snapshot."""
+    import threading
+    import time
+
+    import pytest
+
+    from server.engine.async_engine import EngineNotReadyError
+    from server.engine.facts import RequestError
+
+    ckpt = make_random_checkpoint(tmp_path / "ckpt")
+    loaded = threading.Event()
+
+    def factory():
+        loaded.wait(30)
+        return LLMEngine(ModelConfig(str(ckpt), dtype="float32", device="cpu"), SchedulerConfig())
+
+    engine = AsyncEngine(factory, Metrics("t")).start()
+    try:
+        assert engine.facts is None and not engine.is_ready
+        with pytest.raises(EngineNotReadyError):
+            engine.validate([5, 6], PARAMS)
+        loaded.set()
+        deadline = time.monotonic() + 30
+        while not engine.is_ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.facts is engine.engine.facts
+        engine.validate([5, 6], PARAMS)
+        with pytest.raises(RequestError, match="gen_length: the prompt"):
+            engine.validate([5] * 250, PARAMS)
+        assert engine.num_waiting == 0
+    finally:
+        engine.shutdown()
