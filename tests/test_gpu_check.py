@@ -27,6 +27,10 @@ def test_every_part_dry_runs_on_cpu(tmp_path):
     for name in parts:
         rec = merged["parts"][name]
         assert rec["ok"] and rec["small"] and rec["summary"], (name, rec)
+    # The decode part's issue-20 ratio: a dual_cache use step against its share of an exact step.
+    shares = merged["parts"]["decode"]["shares"]
+    assert [s["concurrency"] for s in shares] == [1, 4]
+    assert all(0 < s["flop_share"] < 1 and s["x_flop_share"] > 0 for s in shares)
     summary = (out / "summary.txt").read_text()
     assert summary.rstrip().endswith("FAILED: no_such_part") and all(name in summary for name in parts)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "summary.txt"]

@@ -15,7 +15,12 @@ about --seconds in exact mode (all its steps cost the same). The floor
 counts, per step: every weight read once (the embedding excepted, it is
 only gathered), cached keys/values read and stored ones written; FLOPs of
 the linear layers per token through the model, attention over the whole
-canvas, and the LM head on the rows that get logits."""
+canvas, and the LM head on the rows that get logits.
+
+Per concurrency it also prints bench_step.py's ratio (issue 20): the
+dual_cache use step's median time over the exact step's times its share,
+by tokens computed / canvas tokens and by the FLOPs above; 1.0 means a use
+step costs exactly what it computes."""
 from __future__ import annotations
 
 import dataclasses
@@ -141,10 +146,37 @@ def measure(engine, mode: str, conc: int, shape: dict, seconds: float, bw: float
         floors.append(max(nbytes / bw, flops / rate))
     step_s = sum(times) / len(times)
     floor_s = statistics.mean(floors) if floors else float("nan")
-    return {"mode": mode, "concurrency": conc, "steps": len(times), "step_ms": 1e3 * step_s,
+    kinds = {}  # step kind (whole / fill / use) -> (seconds, FLOPs, tokens computed, canvas tokens) per step
+    for seqs, t in zip(seen, times):
+        actions = {a for _, _, a, _, _ in seqs}
+        kind = "whole" if actions == {None} else actions.pop() if len(actions) == 1 else "mixed"
+        tokens = sum(((b1 - b0) if d == "dual_cache" else c - b0) if a == "use" else c for c, (b0, b1), a, d, _ in seqs)
+        kinds.setdefault(kind, []).append((t, step_cost(seqs, engine.model.config)[0], tokens,
+                                           sum(c for c, *_ in seqs)))
+    by_kind = {kind: {"ms": 1e3 * statistics.median(t for t, *_ in v), "flops": statistics.median(f for _, f, _, _ in v),
+                      "token_share": statistics.median(n / c for *_, n, c in v)} for kind, v in kinds.items()}
+    return {"mode": mode, "concurrency": conc, "steps": len(times), "step_ms": 1e3 * step_s, "by_kind": by_kind,
             "step_ms_median": 1e3 * statistics.median(times), "floor_ms": 1e3 * floor_s,
             "x_floor": step_s / floor_s if floors else None, "tokens_per_s": committed / sum(times),
             "committed": committed, "running": max((len(s) for s in seen), default=0)}
+
+
+def share_line(rec: Record, rows: list[dict], conc: int, label: str) -> None:
+    """bench_step.py's ratio on the GPU: the dual_cache use step's time over
+    (the exact whole-canvas step's time x the use step's share of it, by
+    tokens computed and by FLOPs), at one concurrency."""
+    whole = next((r["by_kind"]["whole"] for r in rows if r["mode"] == "exact" and "whole" in r["by_kind"]), None)
+    use = next((r["by_kind"]["use"] for r in rows if r["mode"] == "dual_cache" and "use" in r["by_kind"]), None)
+    if whole is None or use is None:
+        rec.line(f"dual_cache use step vs its share, conc {conc}: not measured (no exact or no use step)")
+        return
+    flop_share = use["flops"] / whole["flops"]
+    x_share, x_flop = use["ms"] / (whole["ms"] * use["token_share"]), use["ms"] / (whole["ms"] * flop_share)
+    rec.data.setdefault("shares", []).append({"concurrency": conc, "graphs": label, "use_ms": use["ms"],
+                                              "whole_ms": whole["ms"], "token_share": use["token_share"],
+                                              "flop_share": flop_share, "x_share": x_share, "x_flop_share": x_flop})
+    rec.line(f"dual_cache use step, conc {conc}, graphs {label}: {use['ms']:.2f} ms = {x_share:.2f}x its token share "
+             f"({use['token_share']:.3f}), {x_flop:.2f}x its FLOP share ({flop_share:.3f}) of exact's {whole['ms']:.2f} ms")
 
 
 def body(args, rec: Record) -> None:
@@ -185,6 +217,10 @@ def body(args, rec: Record) -> None:
                         xf = f"{r['x_floor']:7.2f}" if r["x_floor"] else f"{'-':>7s}"
                         rec.line(f"{mode:14s} {conc:4d} {label:>6s} {r['running']:4d} {r['steps']:5d} "
                                  f"{r['step_ms']:8.2f} {r['floor_ms']:8.3f} {xf} {r['tokens_per_s']:8.1f}")
+            for conc in concs:
+                with rec.sub(f"share_{conc}_{setting}"):
+                    share_line(rec, [r for r in rec.data["rows"] if r["concurrency"] == conc
+                                     and r["graphs"] == label], conc, label)
             del engine
         gc.collect()  # the next setting's engine sizes its KV pool from what this one frees
         if cuda:
