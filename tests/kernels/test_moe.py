@@ -76,7 +76,7 @@ def test_kernel_matches_twin(case, dtype, device):
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_uneven_routing_really_is(device):
+def test_uneven_routing_really_is():
     """The uneven case covers what it claims: an expert over several blocks,
     experts with no pair at all."""
     _, _, _, topk_ids, _ = make_moe(*CASES["e16_k4_uneven_multiblock"]["shape"])
