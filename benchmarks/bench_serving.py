@@ -8,6 +8,13 @@ Per concurrency: request throughput, output tokens/s (usage.completion_tokens
 of every request over the wall time), TTFT / TPOT / E2E p50 and p99, and
 failures. TPOT = (E2E - TTFT) / (completion_tokens - 1), as vLLM computes it.
 
+``--urls A,B`` compares two servers side by side: each round runs every
+level against A, then against B, so both see the same machine phases; the
+table shows each server's median round and B/A, the median of the rounds'
+own output-tokens/s ratios per level. With ``--pids`` it also reports each
+server process's CPU time per request (from /proc), which a shared, loaded
+machine disturbs far less than wall-clock throughput.
+
 The client speaks HTTP/1.1 over asyncio streams itself (``--client raw``,
 the default): on a small machine that runs the server too, a load generator
 must not take the server's CPU, and httpx costs ~4 ms of CPU per streamed
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -170,9 +178,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="run the levels this many times in turn; the table shows each level's median round and "
                          "the ratio is the median of the rounds' own ratios (a drifting machine skews less)")
+    ap.add_argument("--urls", default=None, help="A,B: two servers side by side, interleaved in every round")
+    ap.add_argument("--pids", default=None, help="with --urls: the two servers' process ids, to report their CPU "
+                    "time per request (Linux /proc)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if args.urls:
+        return compare(args.urls.split(","), levels, args)
     rounds = [[asyncio.run(run_level(args.url, c, args.requests, args)) for c in levels] for _ in range(args.rounds)]
     rows = [median_row([r[i] for r in rounds]) for i in range(len(levels))]
     print(f"{'conc':>4} | {'req/s':>6} | {'out tok/s':>9} | {'TTFT p50/p99 s':>15} | {'TPOT p50/p99 ms':>16} | "
@@ -192,6 +205,56 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows, "rounds": rounds,
                                                "round_ratios": ratios,
                                                "ratio": statistics.median(ratios) if ratios else None}, indent=2))
+
+
+def compare(urls: list[str], levels: list[int], args) -> None:
+    """Every round runs all levels on A then on B; B/A per level is the
+    median of the rounds' own ratios."""
+    if len(urls) != 2:
+        raise SystemExit("--urls takes two URLs: A,B")
+    pids = [int(p) for p in args.pids.split(",")] if args.pids else None
+    rounds = []  # round -> [A rows, B rows]
+    for i in range(args.rounds):
+        rounds.append([[measured_level(u, c, args, pids[k] if pids else None) for c in levels]
+                       for k, u in enumerate(urls)])
+        print(f"round {i + 1}: " + ", ".join(
+            f"conc {c}: {a['output_tokens_per_s']:.1f} vs {b['output_tokens_per_s']:.1f} tok/s"
+            for c, a, b in zip(levels, *rounds[-1])), flush=True)
+    print(f"{'conc':>4} | {'A tok/s':>8} | {'B tok/s':>8} | {'B/A (median of rounds)':>22} | rounds' B/A | fail A/B")
+    summary = []
+    for j, c in enumerate(levels):
+        a = median_row([r[0][j] for r in rounds])
+        b = median_row([r[1][j] for r in rounds])
+        ratios = [r[1][j]["output_tokens_per_s"] / r[0][j]["output_tokens_per_s"] for r in rounds
+                  if r[0][j]["output_tokens_per_s"] > 0]
+        ratio = statistics.median(ratios) if ratios else float("nan")
+        summary.append({"concurrency": c, "a": a, "b": b, "round_ratios": ratios, "ratio": ratio})
+        print(f"{c:>4} | {a['output_tokens_per_s']:>8.1f} | {b['output_tokens_per_s']:>8.1f} | {ratio:>22.3f} | "
+              f"{', '.join(f'{x:.3f}' for x in ratios)} | {a['failures']}/{b['failures']}")
+        if pids:  # server CPU time per request: what a loaded machine's wall clock hides
+            cpu = [statistics.median(r[k][j]["server_cpu_ms_per_request"] for r in rounds) for k in (0, 1)]
+            cpu_ratios = [r[1][j]["server_cpu_ms_per_request"] / r[0][j]["server_cpu_ms_per_request"] for r in rounds]
+            summary[-1].update(cpu_ms_per_request=cpu, cpu_round_ratios=cpu_ratios,
+                               cpu_ratio=statistics.median(cpu_ratios))
+            print(f"     | server CPU ms/request A {cpu[0]:.2f}, B {cpu[1]:.2f}; B/A {statistics.median(cpu_ratios):.3f} "
+                  f"(rounds: {', '.join(f'{x:.3f}' for x in cpu_ratios)})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "urls": urls, "levels": summary,
+                                               "rounds": rounds}, indent=2))
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured_level(url: str, concurrency: int, args, pid: int | None) -> dict:
+    before = process_cpu_s(pid) if pid else 0.0
+    row = asyncio.run(run_level(url, concurrency, args.requests, args))
+    if pid:
+        row["server_cpu_ms_per_request"] = 1e3 * (process_cpu_s(pid) - before) / max(1, args.requests)
+    return row
 
 
 def median_row(runs: list[dict]) -> dict:

@@ -100,6 +100,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
          "cache gets what weights and a profile step at the largest batch leave (CUDA; --kv-cache-tokens overrides)")
     flag("max-body-bytes", int, 1 << 20, "largest request body accepted")
     flag("drain-timeout", float, 30.0, "seconds in-flight requests get to finish after SIGTERM")
+    flag("max-header-bytes", int, 65536, "largest request line + headers; beyond: 431")
+    flag("max-headers", int, 100, "most header fields in a request; beyond: 431")
+    flag("header-timeout", float, 10.0, "seconds a request's headers may take to arrive; then 408")
+    flag("body-timeout", float, 30.0, "seconds a request's body may take to arrive after its headers; then 408")
+    flag("keep-alive-timeout", float, 5.0, "seconds an idle kept-alive connection stays open")
+    flag("max-connections", int, 1000, "open connections; a request on one beyond gets 503")
     p.add_argument("--no-playground", action="store_true",
                    default=str(_env_default("no-playground", "")).lower() in ("1", "true", "yes", "on"),
                    help="do not serve the playground web page at /")

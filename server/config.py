@@ -50,6 +50,13 @@ class ServerConfig:
     default_remasking: str | None = None  # None = the model's (LLaDA: low_confidence; LLaDA2, Dream: their own)
     default_threshold: float | None = None  # None = the model's (0.9 unless its family or generation config says)
     playground: bool = True  # the web page at /
+    # Connection limits (server/api/http_limits.py)
+    max_header_bytes: int = 65536  # request line + headers; beyond: 431
+    max_headers: int = 100  # header fields per request; beyond: 431
+    header_timeout: float = 10.0  # seconds from a request's first byte to its last header; then 408
+    body_timeout: float = 30.0  # seconds from a request's headers to its last body byte; then 408
+    keep_alive_timeout: float = 5.0  # seconds an idle kept-alive connection stays open
+    max_connections: int = 1000  # open connections; a request on one beyond gets 503
 
     def __post_init__(self) -> None:
         checks = {
@@ -58,6 +65,9 @@ class ServerConfig:
             "default_max_tokens": self.default_max_tokens is None or self.default_max_tokens >= 1,
             "default_steps": self.default_steps is None or self.default_steps >= 1,
             "default_block_length": self.default_block_length is None or self.default_block_length >= 1,
+            "max_header_bytes": self.max_header_bytes >= 1024, "max_headers": self.max_headers >= 1,
+            "header_timeout": self.header_timeout > 0, "body_timeout": self.body_timeout > 0,
+            "keep_alive_timeout": self.keep_alive_timeout > 0, "max_connections": self.max_connections >= 1,
         }
         for name, ok in checks.items():
             if not ok:

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.api import openapi
+from server.api.drain import Drain
 from server.api.errors import APIError, error_response
 from server.api.loglikelihood import LoglikelihoodRequest, LoglikelihoodServing
 from server.api.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -96,8 +97,9 @@ class ServerState:
         self.model_name = model_name
         self.draining = False
         self.in_flight = 0  # generation requests being answered
-        self.serving = OpenAIServing(engine, config, model_name)
-        self.loglikelihood = LoglikelihoodServing(engine, model_name)
+        self.drain = Drain()  # those requests, and how to end them at the drain deadline
+        self.serving = OpenAIServing(engine, config, model_name, self.drain)
+        self.loglikelihood = LoglikelihoodServing(engine, model_name, self.drain)
 
 
 class BodyLimit:
@@ -167,7 +169,7 @@ class RequestId:
 class InFlight:
     """Pure ASGI middleware counting generation requests from arrival until
     their response (streamed or not) has ended by any path, so draining waits
-    for exactly them."""
+    for exactly them, and knows which of them wait on their client."""
 
     ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/loglikelihood")
 
@@ -177,11 +179,15 @@ class InFlight:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] not in self.ROUTES:
             return await self.app(scope, receive, send)
+        drain = self.state.drain
+        entry, receive, send = drain.track(receive, send)
+        drain.requests.add(entry)
         self.state.in_flight += 1
         try:
             return await self.app(scope, receive, send)
         finally:
             self.state.in_flight -= 1
+            drain.requests.discard(entry)
 
 
 def build_app(state: ServerState, metrics) -> FastAPI:

@@ -3,8 +3,12 @@ app under uvicorn, and graceful draining.
 
 SIGTERM/SIGINT drain: /health turns 503 and new generation requests get 503
 while in-flight ones run to completion (up to ``drain_timeout``); then the
-process exits 0. A second signal exits at once. If the engine loop dies, the
-process exits 1 so an orchestrator restarts it.
+process exits 0. At the deadline every stream still open ends with a
+``shutdown`` error event and ``[DONE]``, every other request with a 503.
+The drain ends early when every request left has waited ``STALL_S`` on its
+client (a body that never finishes, a stream nobody reads): those are cut
+when the server closes. A second signal exits at once. If the engine loop
+dies, the process exits 1 so an orchestrator restarts it.
 """
 from __future__ import annotations
 
@@ -16,10 +20,14 @@ import time
 import uvicorn
 
 from server.api.app import ServerState, build_app
+from server.api.http_limits import uvicorn_options
 from server.config import ModelConfig, SchedulerConfig, ServerConfig
 from server.metrics import Metrics
 
 logger = logging.getLogger("llada_serve")
+
+STALL_S = 2.0  # a request waiting this long on its client no longer holds the drain
+FAREWELL_S = 2.0  # after the deadline, time for streams to send their last events
 
 
 class DrainingServer(uvicorn.Server):
@@ -40,11 +48,18 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
-        deadline = time.monotonic() + self.state.config.drain_timeout
-        while self.state.in_flight > 0 and time.monotonic() < deadline:
+        state, drain = self.state, self.state.drain
+        deadline = time.monotonic() + state.config.drain_timeout
+        while state.in_flight > 0 and time.monotonic() < deadline and not drain.all_stalled(STALL_S):
             await asyncio.sleep(0.05)
-        if self.state.in_flight:
-            logger.warning("drain timeout: %d requests still in flight", self.state.in_flight)
+        if state.in_flight:
+            stalled = drain.all_stalled(STALL_S)
+            logger.warning("drain %s: ending %d requests still in flight",
+                           "stopped waiting on stalled clients" if stalled else "timeout", state.in_flight)
+            drain.expire()
+            farewell = time.monotonic() + FAREWELL_S
+            while state.in_flight > 0 and time.monotonic() < farewell and not drain.all_stalled(0):
+                await asyncio.sleep(0.02)
         self.should_exit = True
 
 
@@ -75,7 +90,10 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
     server_config = ServerConfig(
         host=args.host, port=args.port, served_model_name=served_model_name(args), api_key=args.api_key,
         max_queued_requests=args.max_queued_requests, drain_timeout=args.drain_timeout,
-        max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
+        max_body_bytes=args.max_body_bytes, max_header_bytes=args.max_header_bytes, max_headers=args.max_headers,
+        header_timeout=args.header_timeout, body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout, max_connections=args.max_connections,
+        default_max_tokens=args.default_max_tokens,
         default_steps=args.default_steps, default_block_length=args.default_block_length,
         default_decoding=args.default_decoding, default_remasking=args.default_remasking,
         default_threshold=args.default_threshold, playground=not args.no_playground)
@@ -104,7 +122,8 @@ def serve(args) -> int:
                                    on_fatal)
     state = ServerState(engine, server_config, model_name)
     uv_config = uvicorn.Config(build_app(state, metrics), host=server_config.host, port=server_config.port,
-                               log_level=args.log_level, timeout_graceful_shutdown=5)
+                               log_level=args.log_level, timeout_graceful_shutdown=5,
+                               **uvicorn_options(server_config))
     server = DrainingServer(uv_config, state)
     engine.start()
     logger.info("serving %s on http://%s:%d%s", model_name, server_config.host, server_config.port,

@@ -28,6 +28,7 @@ from typing import Annotated, Any
 from pydantic import Field, StrictBool, StrictInt
 
 from sampler.params import LikelihoodParams, ParamError
+from server.api.drain import SHUTDOWN, Drain
 from server.api.errors import APIError
 from server.api.protocol import RequestBody
 from server.engine.async_engine import EngineDeadError, EngineNotReadyError, QueueFullError
@@ -54,9 +55,10 @@ class LoglikelihoodRequest(RequestBody):
 
 
 class LoglikelihoodServing:
-    def __init__(self, engine, model_name: str):
+    def __init__(self, engine, model_name: str, drain: Drain | None = None):
         self.engine = engine  # server.engine.async_engine.AsyncEngine
         self.model_name = model_name
+        self.drain = drain or Drain()  # ends what is still running at the drain deadline
 
     def _encode(self, pair: LoglikelihoodPair, special: bool, index: int) -> tuple[list[int], list[int]]:
         ctx, cont = pair.context, pair.continuation
@@ -141,11 +143,15 @@ class LoglikelihoodServing:
                     return
 
         watcher = asyncio.ensure_future(watch())
+        forget = self.drain.on_deadline(lambda: [t.cancel() for t in tasks])
         try:
             return list(await asyncio.gather(*tasks))
         except asyncio.CancelledError:
+            if self.drain.expired:
+                raise APIError(503, *SHUTDOWN) from None
             raise APIError(499, "client disconnected", "invalid_request_error") from None
         finally:
+            forget()
             watcher.cancel()
             for t in tasks:
                 t.cancel()

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 
 from sampler.params import DiffusionParams, ParamError
 from server.api.choices import Choice
+from server.api.drain import SHUTDOWN, Drain
 from server.api.errors import APIError
 from server.api.logprobs import final_logprobs, logprobs_delta
 from server.api.protocol import WHY_UNSUPPORTED, ChatCompletionRequest, CompletionRequest, DiffusionFields
@@ -43,10 +44,11 @@ logger = logging.getLogger("llada_serve.requests")
 
 
 class OpenAIServing:
-    def __init__(self, engine, config, model_name: str):
+    def __init__(self, engine, config, model_name: str, drain: Drain | None = None):
         self.engine = engine  # server.engine.async_engine.AsyncEngine
         self.config = config  # server.config.ServerConfig
         self.model_name = model_name
+        self.drain = drain or Drain()  # ends what is still running at the drain deadline
 
     @property
     def facts(self) -> ModelFacts:
@@ -289,11 +291,15 @@ class OpenAIServing:
     async def collect(self, choices: list[Choice], streams: list, raw_request) -> None:
         tasks = [asyncio.ensure_future(self._consume(c, s)) for c, s in zip(choices, streams)]
         watcher = asyncio.ensure_future(self._watch_disconnect(raw_request, tasks))
+        forget = self.drain.on_deadline(lambda: [t.cancel() for t in tasks])
         try:
             await asyncio.gather(*tasks)
         except asyncio.CancelledError:
+            if self.drain.expired:
+                raise APIError(503, *SHUTDOWN) from None
             raise APIError(499, "client disconnected", "invalid_request_error") from None
         finally:
+            forget()
             watcher.cancel()
             for t in tasks:
                 t.cancel()
@@ -392,6 +398,8 @@ class OpenAIServing:
             for c in choices:
                 yield chunk([piece(c, None, None, role=True)])
         task = asyncio.ensure_future(run_all())
+        # At the drain deadline the stream ends with a "shutdown" error event and [DONE].
+        forget = self.drain.on_deadline(lambda: queue.put_nowait(APIError(503, *SHUTDOWN)))
         try:
             # Events that are ready together (a step's deltas; the finishing
             # chunks, usage and [DONE]) leave in one write: the same lines,
@@ -420,6 +428,7 @@ class OpenAIServing:
                 pending.append(chunk([], usage))
             yield "".join(pending) + "data: [DONE]\n\n"
         finally:  # a failed or abandoned stream stops every choice, not just the first
+            forget()
             task.cancel()
             for t in tasks:
                 t.cancel()

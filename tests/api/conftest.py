@@ -14,6 +14,7 @@ import pytest
 import uvicorn
 
 from server.api.app import ServerState, build_app
+from server.api.http_limits import uvicorn_options
 from server.config import ModelConfig, SchedulerConfig, ServerConfig
 from server.engine.async_engine import AsyncEngine
 from server.engine.engine import LLMEngine
@@ -55,7 +56,7 @@ def start_server(ckpt: Path, server_config: ServerConfig | None = None,
                                            scheduler_config or SchedulerConfig()),
                          metrics, cfg.max_queued_requests).start()
     state = ServerState(engine, cfg, MODEL_NAME)
-    server = uvicorn.Server(uvicorn.Config(build_app(state, metrics), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(build_app(state, metrics), log_level="warning", **uvicorn_options(cfg)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     live = LiveServer(f"http://127.0.0.1:{port}", state, engine, server, thread)

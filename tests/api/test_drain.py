@@ -1,0 +1,138 @@
+"""Draining a live server process (SIGTERM): at --drain-timeout every open
+stream ends with a "shutdown" error event, [DONE] and a clean chunked end,
+a non-streamed request with a 503 envelope; clients that stall (a body that
+never finishes, a stream nobody reads) do not hold the exit for the whole
+drain time; an idle server exits 0 at once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.api.test_faults import _free_port, _healthy
+from tests.api.conftest import wait_for
+from tests.conftest import REPO
+
+# Long enough to outlast a short drain on any machine: a 240-position canvas, one commit per step.
+LONG = {"prompt": [5, 6, 7], "max_tokens": 240, "steps": 240, "block_length": 240}
+
+
+class Server(subprocess.Popen):
+    """A server process whose output lines are kept with their arrival times
+    (the interpreter's own exit can take seconds on a loaded machine: the
+    server's last line is what says when it was done)."""
+
+    def __init__(self, args: list[str]):
+        super().__init__(args, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[tuple[float, str]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.stdout:
+            self.lines.append((time.monotonic(), line.rstrip()))
+
+    def finished_at(self) -> float:
+        """When the server said it was done (after the process exited)."""
+        self.wait(60)
+        assert wait_for(lambda: any("Finished server process" in line for _, line in self.lines), 5), self.lines[-20:]
+        return next(t for t, line in self.lines if "Finished server process" in line)
+
+
+@pytest.fixture
+def launch(text_ckpt):
+    procs = []
+
+    def start(*flags: str) -> tuple[Server, str]:
+        port = _free_port()
+        proc = Server([sys.executable, "-m", "server", "--model", str(text_ckpt), "--port", str(port),
+                       "--log-level", "info", *flags])
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        return proc, url
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_idle_server_exits_zero_at_once(launch):
+    proc, _ = launch("--drain-timeout", "60")
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert proc.finished_at() - started < 3
+
+
+def test_the_deadline_ends_streams_with_a_shutdown_event_and_others_with_503(launch):
+    proc, url = launch("--drain-timeout", "0.5")
+    result = {}
+
+    def streamed():
+        with httpx.stream("POST", url + "/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
+            result["stream"] = [line for line in r.iter_lines() if line]  # raises on a cut chunked body
+
+    def plain():
+        result["plain"] = httpx.post(url + "/v1/completions", json={**LONG, "n": 2}, timeout=60)
+
+    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # both queued or running
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    for t in threads:
+        t.join(60)
+    assert proc.wait(60) == 0
+    assert proc.finished_at() - started < 8
+    lines = result["stream"]
+    assert lines[-1] == "data: [DONE]"
+    last = json.loads(lines[-2][6:])
+    assert last["error"]["code"] == "shutdown" and last["error"]["type"] == "server_error"
+    assert all("error" not in json.loads(line[6:]) for line in lines[:-2])  # the rest were ordinary chunks
+    plain = result["plain"]
+    assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutdown"
+
+
+def _connect(url: str, rcvbuf: int | None = None) -> socket.socket:
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", int(url.rsplit(":", 1)[1])))
+    return sock
+
+
+def test_stalled_clients_do_not_hold_the_drain(launch):
+    proc, url = launch("--drain-timeout", "120")
+    body = json.dumps({"prompt": "hello", "max_tokens": 4}).encode()
+    stalled_body = _connect(url)
+    stalled_body.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+    # A stream whose client reads nothing (its answer fits the socket buffers here: the server is
+    # done with it once written; a stream blocked on a full buffer is cut when the server closes).
+    unread = _connect(url, rcvbuf=4096)
+    stream = json.dumps({"prompt": [5, 6, 7], "max_tokens": 16, "stream": True,
+                         "stream_options": {"include_denoising": True}}).encode()
+    unread.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: %d\r\n\r\n" % len(stream) + stream)
+    time.sleep(1.0)
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    assert proc.finished_at() - started < 15  # far less than the 120 s drain
+    stalled_body.settimeout(5)
+    answer = stalled_body.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 503") and b'"code":"shutdown"' in answer
+    stalled_body.close()
+    unread.close()
