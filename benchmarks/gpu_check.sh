@@ -19,6 +19,7 @@
 #   decode       (d) tokens/s at concurrency 1/16/64, exact / dual_cache / dual_cache 4 per step, graphs
 #                    off/on, step time beside the roofline floor (reuses load_8b's checkpoint, or writes it)
 #   kernel_tests (a) tests/kernels compiled for the GPU, bench_attention.py, bench_unmask.py
+#   moe          the MoE kernel's tests compiled for the GPU, bench_moe.py at LLaDA2.0-mini's shapes
 #
 # Adding a part: write benchmarks/gpu_parts/NAME.py that calls
 # _part.run_part("NAME", body) (see kernel_tests.py; NAME must not be a
@@ -26,7 +27,7 @@
 # --json PATH and, in a dry run, --small; it must write that JSON (run_part
 # does, even on a crash) with "ok" and "summary" (lines for the final table,
 # ~100 chars each). Then add "NAME SECONDS" to PARTS. SECONDS is its hard limit; keep
-# the sum of limits under GPU_CHECK_BUDGET (470 s; the four parts above take 410): a part that would start
+# the sum of limits under GPU_CHECK_BUDGET (470 s; the five parts above take 465): a part that would start
 # with less than its limit left gets only what is left, and none with
 # under 10 s. Make --small run on CPU in seconds (tests/test_gpu_check.py
 # dry-runs every part), and keep files a part writes elsewhere than $OUT.
@@ -39,6 +40,7 @@ PARTS=(
     "load_8b 90"
     "decode 150"
     "kernel_tests 110"
+    "moe 55"
 )
 
 small=()

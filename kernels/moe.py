@@ -135,7 +135,7 @@ def align(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch
     and ``block_expert`` (max_padded_rows / block_m,) int32: the expert of
     each block of block_m rows, ``num_experts`` past the routing's last
     block. Pairs keep their order within an expert; no host sync."""
-    flat = topk_ids.reshape(-1)
+    flat = topk_ids.reshape(-1).to(torch.int64)  # scatter_add_ indexes with int64
     num_pairs = flat.numel()
     device = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)

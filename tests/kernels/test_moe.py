@@ -76,7 +76,7 @@ def test_kernel_matches_twin(case, dtype, device):
         torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
-def test_uneven_routing_really_is(device):
+def test_uneven_routing_really_is():
     """The uneven case covers what it claims: an expert over several blocks,
     experts with no pair at all."""
     _, _, _, topk_ids, _ = make_moe(*CASES["e16_k4_uneven_multiblock"]["shape"])
@@ -132,6 +132,8 @@ def test_dispatch_and_float64(device, triton_backend, monkeypatch):
     double = [a.double() if a.is_floating_point() else a for a in args]
     torch.testing.assert_close(triton_backend.fused_moe(*double), reference.fused_moe(*double))
     assert calls == [torch.float32]
+    int32_ids = (*args[:3], args[3].int(), args[4])  # routers may hand over int32 ids
+    assert rel(moe.fused_moe(*int32_ids), reference.fused_moe(*args)) < TOLERANCE[torch.float32]
 
 
 def test_launcher_names_bad_arguments(device):
@@ -146,3 +148,19 @@ def test_launcher_names_bad_arguments(device):
         moe.fused_moe(x, w_gate_up, w_down, ids.float(), weights)
     with pytest.raises(ValueError, match="x dtype"):
         moe.fused_moe(x.double(), w_gate_up.double(), w_down.double(), ids, weights)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_runs_inside_a_cuda_graph(device):
+    """No host sync anywhere (align included): the call captures into a CUDA
+    graph, and a replay on new tokens and a new routing gives their output."""
+    x, w_gate_up, w_down, ids, weights = make_moe(24, 64, 32, 16, 4, device=device, dtype=torch.bfloat16)
+    moe.fused_moe(x, w_gate_up, w_down, ids, weights)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe.fused_moe(x, w_gate_up, w_down, ids, weights)
+    new = make_moe(24, 64, 32, 16, 4, skew=0.5, seed=9, device=device, dtype=torch.bfloat16)
+    x.copy_(new[0]), ids.copy_(new[3]), weights.copy_(new[4])
+    graph.replay()
+    assert rel(out, reference.fused_moe(x, w_gate_up, w_down, ids, weights)) < TOLERANCE[torch.bfloat16]
