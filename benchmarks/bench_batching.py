@@ -5,7 +5,7 @@ one joins at the following step), at several concurrency levels.
     python benchmarks/bench_batching.py [--model PATH] [--concurrency 1,4,16] \
         [--requests 128] [--decoding exact,dual_cache] [--dtype float32] [--json out.json] \
         [--max-num-batched-tokens 8192] [--kv-cache-tokens N] [--gen-length N] [--block-length N] \
-        [--steps N] [--budget-rule step,canvas] [--rounds 1]
+        [--steps N] [--budget-rule step,canvas] [--rounds 1] [--ignore-eos]
 
 Per decoding mode and concurrency: output tokens/s, mean step time, mean
 batch size, steps per request, and the ratio of each level's tokens/s to
@@ -98,6 +98,8 @@ def main() -> None:
     ap.add_argument("--gen-length", type=int, default=None, help="default: the model's recommendation")
     ap.add_argument("--block-length", type=int, default=None, help="default: the model's recommendation")
     ap.add_argument("--steps", type=int, default=None, help="default: gen-length")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every request runs its whole canvas (no early stop at EOS): the batch the budget admits")
     ap.add_argument("--budget-rule", default="step", help="step and/or canvas, comma-separated")
     ap.add_argument("--rounds", type=int, default=1, help="alternations of the budget rules")
     ap.add_argument("--json", default=None)
@@ -118,7 +120,7 @@ def main() -> None:
     rows = []
     for decoding in args.decoding.split(","):
         params = DiffusionParams(gen_length=gen_length, block_length=block_length, steps=args.steps,
-                                 decoding=decoding)
+                                 decoding=decoding, ignore_eos=args.ignore_eos)
         closed_loop(llm, prompts, params, max(levels), min(max(levels), 8))  # warm-up
         for rnd in range(args.rounds):
             for rule in rules:

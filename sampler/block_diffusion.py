@@ -9,8 +9,10 @@ its batch mates.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels import ops
@@ -93,12 +95,17 @@ class StepRows:
                                       alg_temps or [0.0] * len(counts), transfer_probs or [1.0] * len(counts),
                                       device)
 
-        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([v for v, n in zip(values, counts) for _ in range(n)], dtype=dtype, device=device)
+        # Settings go over as one value per sequence, spread to rows on the device.
+        row_seq = torch.repeat_interleave(torch.arange(len(counts), device=device),
+                                          torch.tensor(counts, device=device), output_size=sum(counts))
 
+        def per_row(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)[row_seq]
+
+        offsets = list(itertools.chain.from_iterable(row_offsets))
         return cls(
-            row_seq=per_row(list(range(len(counts))), torch.int64),
-            row_offset=torch.tensor([o for r in row_offsets for o in r], dtype=torch.int64, device=device),
+            row_seq=row_seq,
+            row_offset=torch.from_numpy(np.fromiter(offsets, dtype=np.int64, count=len(offsets))).to(device),
             temperature=per_row(temperatures, torch.float32),
             seed=per_row(seeds, torch.int64),
             random_seed=per_row(random_seeds, torch.int64),

@@ -58,6 +58,7 @@ class Request:
 
     def __post_init__(self) -> None:
         p = self.params
+        self.prompt_len = len(self.prompt_ids)  # read many times a step; a request's prompt never changes
         self.blocks, padded = block_layout(len(self.prompt_ids), p)  # relative to the generated part
         self.timesteps: list[float] = []
         if p.schedule == "llada2":
@@ -84,10 +85,7 @@ class Request:
         # generated-part offset -> its token's logprob at the step that (last) wrote it; None = not asked
         self.token_logprobs: list[TokenLogprob | None] | None = \
             [None] * (len(self.canvas) - self.prompt_len) if p.logprobs is not None else None
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt_ids)
+        self.max_use_tokens = self._max_use_tokens()  # fixed by the params and blocks; read every step
 
     @property
     def num_tokens(self) -> int:
@@ -95,8 +93,7 @@ class Request:
         the most this request ever puts through the model in one step."""
         return len(self.canvas) * (2 if self.params.cfg_scale > 0 else 1)
 
-    @property
-    def max_use_tokens(self) -> int:
+    def _max_use_tokens(self) -> int:
         """The most tokens one of its steps that is not a cache fill computes:
         the whole canvas (exact), block + suffix at the first block
         (prefix_cache), the longest block (dual_cache)."""
@@ -197,8 +194,9 @@ class Request:
         """Writes committed tokens (and their logprobs, when asked), advances
         the schedule; returns the token ids that became final (the final
         prefix's growth)."""
-        had_masks = bool(self.masked_positions())
-        edited = any(self.canvas[pos] != self.mask_id for pos in positions)
+        # Only token editing asks whether the step began with masks, or re-wrote tokens.
+        had_masks = not self.editing or bool(self.masked_positions())
+        edited = self.editing and any(self.canvas[pos] != self.mask_id for pos in positions)
         if self.params.schedule == "llada2" and self.cache_action() == "fill":
             b0 = self.block_range[0]  # the step stored every finished grid block's keys/values
             self.kv_len = b0 - b0 % self.params.block_length
@@ -214,17 +212,17 @@ class Request:
     def _advance(self, had_masks: bool = True, edited: bool = False) -> None:
         self.step_index += 1
         self.step_in_block += 1
-        masked = bool(self.masked_positions())
         if self.editing:
             # LLaDA2.1: a step that began without masks and edited nothing ends
             # the block; so does a (max_post_steps + 1)-th step without masks.
             if not had_masks and not edited:
                 block_over = True
             else:
-                self.post_steps += 0 if masked else 1
+                self.post_steps += 0 if self.masked_positions() else 1
                 block_over = self.post_steps > self.params.max_post_steps
         elif self.is_adaptive or self.params.schedule == "llada2":
-            block_over = not masked or (not self.is_adaptive and self.step_in_block >= self.block_steps[self.block_idx])
+            block_over = (not self.masked_positions()
+                          or (not self.is_adaptive and self.step_in_block >= self.block_steps[self.block_idx]))
         else:
             block_over = self.step_in_block == self.block_steps[self.block_idx]
         if block_over:
