@@ -104,3 +104,79 @@ def test_generate_command_decodes_with_the_familys_defaults(tmp_path, capsys):
                  "--block-length", str(fields["block_length"]), "--steps", str(fields["steps"])]) == 0
     offline = LLM(str(ck.path), dtype="float64", device="cpu")
     assert capsys.readouterr().out.strip() == offline.tokenizer.decode(full[:full.index(ck.eot_id)])
+
+
+def test_llada_serve_command_serves_a_local_directory(tmp_path):
+    """The real command, ``python -m server --model DIR``, on a Dream
+    directory (its template in chat_template.jinja): the card and a chat
+    answer equal to LLM.chat's."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    from tests.api.conftest import wait_for
+    from tests.conftest import REPO
+
+    ck = write_family_checkpoint("dream", tmp_path / "dream", template_file=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--model", str(ck.path), "--port", str(port),
+                             "--dtype", "float32", "--device", "cpu", "--log-level", "warning"], cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(url + "/health").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    try:
+        assert wait_for(healthy, 90), "server did not start"
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
+        card = client.models.retrieve(str(ck.path)).to_dict()
+        assert (card["architecture"], card["decoding"]["schedule"]) == ("DreamModel", "dream")
+        out = client.chat.completions.create(model=str(ck.path), messages=MESSAGES, max_tokens=16, seed=2)
+        offline = LLM(str(ck.path), dtype="float32", device="cpu")
+        want = offline.chat(MESSAGES, offline.default_params(gen_length=16, seed=2))[0]
+        assert out.choices[0].message.content == want.text
+        assert out.usage.completion_tokens == len(want.token_ids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def test_llada21_edits_by_default_and_a_request_can_turn_editing_off(tmp_path):
+    """An LLaDA2.1 checkpoint (model_type llada21_moe, its generation config
+    asking editing_threshold 0.2): its card's decoding edits tokens; a
+    request that says nothing edits as LLM.generate does by default, one with
+    an explicit null does not."""
+    ck = write_family_checkpoint("llada2", tmp_path / "llada21")
+    for name, extra in (("config.json", {"model_type": "llada21_moe"}),
+                        ("generation_config.json", {"editing_threshold": 0.2})):
+        (ck.path / name).write_text(json.dumps(json.loads((ck.path / name).read_text()) | extra))
+    srv = start_server(ck.path)
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
+        decoding = client.models.retrieve(MODEL_NAME).to_dict()["decoding"]
+        assert decoding.items() >= {"schedule": "llada2", "editing_threshold": 0.2, "max_post_steps": 16,
+                                    "num_to_transfer": 1}.items()
+        offline = LLM(str(ck.path), dtype="float32", device="cpu")
+        prompt = [456, 194, 50, 438, 161, 225, 22, 126, 79, 452, 277, 259]
+        texts = {}
+        for extra, editing in (({}, 0.2), ({"editing_threshold": None}, None)):
+            out = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20,
+                                            extra_body={"block_length": 8, "ignore_eos": True} | extra)
+            want = offline.generate([prompt], offline.default_params(gen_length=20, block_length=8, ignore_eos=True,
+                                                                     editing_threshold=editing))[0]
+            assert out.choices[0].text == want.text
+            texts[editing] = want.text
+        assert texts[0.2] != texts[None]  # edits happened by default, and null turned them off
+    finally:
+        srv.stop()
