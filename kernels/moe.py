@@ -34,9 +34,11 @@ import triton
 import triton.language as tl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The pair and token counts change from step to step: they are not specialized
+# on (one compiled variant per tile shape, not one per count's divisibility).
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _gate_up_kernel(
     x_ptr, w_ptr, act_ptr, pair_ptr, block_expert_ptr,
     num_pairs, hidden, inter, num_experts,
@@ -72,7 +74,7 @@ def _gate_up_kernel(
              act.to(act_ptr.dtype.element_ty), mask=is_pair[:, None] & is_col[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(
     act_ptr, w_ptr, weight_ptr, y_ptr, pair_ptr, block_expert_ptr,
     num_pairs, hidden, inter, num_experts,
@@ -106,7 +108,7 @@ def _down_kernel(
              mask=is_pair[:, None] & is_col[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def _combine_kernel(y_ptr, out_ptr, num_tokens, hidden, stride_y, stride_out,
                     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -56,8 +56,8 @@ def body(args, rec: Record) -> None:
 
 def add_args(ap) -> None:
     ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--pytest-limit", type=float, default=30)
-    ap.add_argument("--bench-limit", type=float, default=18)
+    ap.add_argument("--pytest-limit", type=float, default=34)
+    ap.add_argument("--bench-limit", type=float, default=16)
 
 
 if __name__ == "__main__":
