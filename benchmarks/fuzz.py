@@ -3,9 +3,10 @@ with many more generated cases per route.
 
     python benchmarks/fuzz.py --max-examples 300 [--json out.json]
 
-Five routes at 300 examples each give well over 1,000 cases. Passes when no
-case got a 5xx, every 4xx carried the error envelope, and the server still
-answered a normal request afterwards.
+Six routes at 350 examples each give over 2,000 cases. Passes when no case
+got a 5xx or a status its route does not document in /openapi.json, every
+4xx carried the error envelope, and the server still answered a normal
+request afterwards.
 """
 from __future__ import annotations
 
