@@ -38,6 +38,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=_env_default("dtype", "auto"),
                    choices=["auto", "float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default=_env_default("device", "auto"), help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--tensor-parallel-size", type=int, default=int(_env_default("tensor-parallel-size", 1)),
+                   help="split the model over this many GPUs of this machine (ranks on cuda:N.. from --device; "
+                        "gloo processes on CPU); the attention heads must divide evenly")
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -156,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
                 raise ValueError(f"--prompt-ids: expected comma-separated integers, got {args.prompt_ids!r}") from None
         else:
             prompt = args.prompt
-        llm = LLM(args.model, dtype=args.dtype, device=args.device)
+        llm = LLM(args.model, dtype=args.dtype, device=args.device, tensor_parallel_size=args.tensor_parallel_size)
         given = {name: getattr(args, name) for name in DECODING_FLAGS if getattr(args, name) is not None}
         params = llm.default_params(**given)
 

@@ -20,6 +20,9 @@ class ModelConfig:
     # Fraction of the GPU's total memory this process may use (vLLM's meaning): the KV
     # pool gets what a profile forward leaves of it. CUDA only; kv_cache_tokens overrides.
     gpu_memory_utilization: float = 0.9
+    # Ranks the model is split over (Megatron-style, one process per rank on
+    # this machine: server/engine/tp_workers.py); 1 = one process, no split.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -28,6 +31,8 @@ class ModelConfig:
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if not isinstance(self.tensor_parallel_size, int) or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
 

@@ -39,11 +39,20 @@ class LLMEngine:
                  memory: MemorySource | None = None, parallel=None):
         """``memory``: where the KV pool's size comes from (default: CUDA's
         figures on a GPU, none on CPU: see server/engine/kv_sizing.py).
-        ``parallel`` (``server.models.parallel.Parallel``): this rank's
-        tensor-parallel shard of the model."""
+        ``model_config.tensor_parallel_size`` > 1: this process is rank 0
+        and starts the other ranks (server/engine/tp_workers.py).
+        ``parallel`` (``server.models.parallel.Parallel``): this process is
+        one rank of a group that someone else drives in lockstep (tests)."""
         self.model_config = model_config
         self.path: Path = resolve_model_path(model_config.model)
-        self.model = load_model(self.path, model_config.dtype, model_config.device, parallel)
+        self.workers = None
+        device = model_config.device
+        if model_config.tensor_parallel_size > 1:
+            from server.engine.tp_workers import Workers
+
+            self.workers = Workers.start(model_config, scheduler_config or SchedulerConfig())
+            parallel, device = self.workers.parallel, self.workers.device
+        self.model = load_model(self.path, model_config.dtype, device, parallel)
         self.raw_config = json.loads((self.path / "config.json").read_text())
         cfg = self.model.config
         self.mask_id: int = cfg.mask_token_id
@@ -56,8 +65,14 @@ class LLMEngine:
         sc = size_kv_cache(self.model, scheduler_config or SchedulerConfig(), model_config.gpu_memory_utilization,
                            memory if memory is not None else device_memory(self.model.device),
                            self.decoding_defaults.get("gen_length", 128))
+        if self.workers is not None:
+            from server.engine.tp_workers import agree_kv
+
+            sc = agree_kv(sc, self.workers.control)
         self.scheduler = Scheduler(sc)
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
+        if self.workers is not None:
+            self.runner = self.workers.wrap(self.runner)
         self.last_step = StepStats(0, 0, [])
         self.facts = ModelFacts(
             model=model_config.model, architecture=type(self.model).__name__, max_model_len=self.max_model_len,
@@ -107,7 +122,14 @@ class LLMEngine:
         return self.scheduler.abort(req_id, status)
 
     def has_unfinished(self) -> bool:
+        if self.workers is not None:
+            self.workers.check()  # a dead tensor-parallel worker stops the engine, busy or idle
         return self.scheduler.has_unfinished()
+
+    def close(self) -> None:
+        """Stops the tensor-parallel workers, if any."""
+        if self.workers is not None:
+            self.workers.close()
 
     def step(self) -> list[RequestOutput]:
         sched = self.scheduler.schedule()

@@ -37,6 +37,9 @@ def is_device_error(error: BaseException) -> bool:
 def check_device(error: BaseException, alone: bool) -> None:
     """Raises DeviceFault if ``error`` (from a batch, or from one request
     ``alone``) is the device's: a CUDA error, or out of memory for one
-    request alone (a batch's is retried split)."""
+    request alone (a batch's is retried split). A DeviceFault already
+    (a tensor-parallel worker died) goes on as it is."""
+    if isinstance(error, DeviceFault):
+        raise error
     if is_device_error(error) or (alone and is_out_of_memory(error)):
         raise DeviceFault(f"device fault: {type(error).__name__}: {error}") from error

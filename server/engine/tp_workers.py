@@ -1,0 +1,186 @@
+"""One engine, many workers: tensor-parallel serving on one machine.
+
+The engine's process is rank 0: it runs the scheduler (once) and the API.
+``Workers.start`` spawns ranks 1..N-1 (torch.multiprocessing, spawn) and
+joins them in a torch.distributed group (NCCL on GPUs, gloo on CPU), plus a
+gloo group for control messages. Every rank loads its shard of the model
+(``server.models.parallel``) and sizes its KV pool; the ranks agree on the
+smallest. Then, for every ``runner.execute`` the engine makes (a step, or
+one request of a step being retried alone), rank 0 broadcasts the
+``SchedulerOutput`` and every rank runs the same runner on it: the model's
+collectives keep them in step and each reaches the same commits, which
+only rank 0 uses.
+
+Lifetimes: workers are daemon processes of the engine's process and also
+exit when they see it gone (a parent-pid watch), so they die with it. A
+worker's death is a device fault (``DeviceFault``): found before each
+execute, when a collective fails, and while idle (``check``, which the
+engine calls whenever the loop asks for work), it stops the engine: /health
+503, every in-flight request gets an error, the server exits non-zero.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from server.config import ModelConfig
+from server.engine.faults import DeviceFault
+from server.engine.messages import RunnerOutput, SchedulerOutput
+from server.engine.scheduler import SchedulerConfig
+from server.models.parallel import Parallel
+
+logger = logging.getLogger(__name__)
+
+
+def rank_device(device: str, rank: int) -> str:
+    """Rank r's device: cuda:(k + r) for cuda / cuda:k / auto with CUDA, else cpu."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return "cpu"
+    base = int(device.split(":")[1]) if ":" in device else 0
+    return f"cuda:{base + rank}"
+
+
+def _join(rank: int, size: int, port: int, device: str) -> tuple[Parallel, dist.ProcessGroup]:
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
+    return Parallel(rank, size), control
+
+
+def agree_kv(config: SchedulerConfig, control: dist.ProcessGroup) -> SchedulerConfig:
+    """Every rank's pool as large as the smallest rank's."""
+    if config.kv_cache_tokens is None:
+        return config
+    tokens = torch.tensor([config.kv_cache_tokens], dtype=torch.int64)
+    dist.all_reduce(tokens, op=dist.ReduceOp.MIN, group=control)
+    return replace(config, kv_cache_tokens=int(tokens.item()))
+
+
+class Workers:
+    """Ranks 1..N-1, seen from rank 0."""
+
+    def __init__(self, procs: list[Any], parallel: Parallel, control: dist.ProcessGroup, device: str):
+        self.procs, self.parallel, self.control, self.device = procs, parallel, control, device
+        self.closed = False
+
+    @classmethod
+    def start(cls, model_config: ModelConfig, scheduler_config: SchedulerConfig) -> "Workers":
+        size = model_config.tensor_parallel_size
+        device = rank_device(model_config.device, 0)
+        last = rank_device(model_config.device, size - 1)
+        if last.startswith("cuda") and torch.cuda.device_count() <= int(last.split(":")[1]):
+            raise ValueError(f"tensor_parallel_size: {size} ranks need GPUs {device} to {last}; "
+                             f"{torch.cuda.device_count()} visible")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, name=f"llada-tp{rank}", daemon=True,
+                             args=(rank, size, port, model_config, scheduler_config, os.getpid()))
+                 for rank in range(1, size)]
+        for p in procs:
+            p.start()
+        parallel, control = _join(0, size, port, device)
+        logger.info("tensor parallel: %d ranks (%s), workers %s", size, dist.get_backend(),
+                    ", ".join(str(p.pid) for p in procs))
+        return cls(procs, parallel, control, device)
+
+    def check(self) -> None:
+        """Raises DeviceFault if a worker has died."""
+        for rank, p in enumerate(self.procs, 1):
+            if not p.is_alive():
+                raise DeviceFault(f"tensor-parallel worker {rank} (pid {p.pid}) died with exit code {p.exitcode}")
+
+    def broadcast(self, obj: Any) -> None:
+        dist.broadcast_object_list([obj], src=0, group=self.control)
+
+    def wrap(self, runner: Any) -> "ParallelRunner":
+        return ParallelRunner(runner, self)
+
+    def close(self) -> None:
+        """Stops the workers (they leave their loop) and leaves the group."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.check()
+            self.broadcast(None)
+        except Exception:  # a worker is gone: the others end with the process
+            pass
+        for p in self.procs:
+            p.join(5)
+            if p.is_alive():
+                p.terminate()
+        dist.destroy_process_group()
+
+
+class ParallelRunner:
+    """The engine's runner on rank 0: each execute's plan goes to every
+    rank first, then rank 0 runs its own shard."""
+
+    def __init__(self, runner: Any, workers: Workers):
+        self.runner, self.workers = runner, workers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        self.workers.check()
+        try:
+            self.workers.broadcast(sched)
+            return self.runner.execute(sched)
+        except Exception:
+            self.workers.check()  # a collective failed because a worker died: that is the fault
+            raise
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """A worker outlives no engine: exit once the parent is gone."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker_main(rank: int, size: int, port: int, model_config: ModelConfig, scheduler_config: SchedulerConfig,
+                 parent_pid: int) -> None:
+    from server.engine.faults import is_device_error
+    from server.engine.kv_sizing import device_memory, size_kv_cache
+    from server.engine.runner import ModelRunner
+    from server.models.loader import generation_defaults, load_model, resolve_model_path
+
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s tp{rank} %(name)s: %(message)s")
+    device = rank_device(model_config.device, rank)
+    parallel, control = _join(rank, size, port, device)
+    path = resolve_model_path(model_config.model)
+    model = load_model(path, model_config.dtype, device, parallel)
+    # The same sizing calls as rank 0's (a profile forward is collective), then the smallest pool.
+    sc = size_kv_cache(model, scheduler_config, model_config.gpu_memory_utilization, device_memory(model.device),
+                       generation_defaults(path).get("gen_length", 128))
+    sc = agree_kv(sc, control)
+    runner = ModelRunner(model, model.config.mask_token_id, sc.num_kv_pages, sc.page_size)
+    while True:
+        box: list[Any] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        if box[0] is None:
+            break
+        try:
+            runner.execute(box[0])
+        except Exception as e:  # rank 0 meets the same error in the same place and decides what it means
+            if is_device_error(e):
+                raise
+    dist.destroy_process_group()
