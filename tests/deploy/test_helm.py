@@ -306,3 +306,18 @@ def test_hpa_without_a_target_is_refused(helm):
     out = helm_template(helm, "--set", "autoscaling.enabled=true", "--set", "autoscaling.targetRequestsWaiting=null")
     assert out.returncode != 0
     assert "autoscaling.enabled needs autoscaling.targetCPUUtilizationPercentage or" in out.stderr, out.stderr
+
+
+def test_tensor_parallel_gets_its_gpus_and_shared_memory(render, helm):
+    flash = render(values_file("llada2-flash-8gpu"))
+    assert flash.flags["--tensor-parallel-size"] == "8"
+    assert flash.container["resources"]["limits"]["nvidia.com/gpu"] == 8
+    (shm,) = [v for v in flash.pod["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "32Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in flash.container["volumeMounts"]
+    # A GPU count below the ranks is raised to them.
+    raised = render(values_file("gpu-hub"), "--set", "engine.tensorParallelSize=2")
+    assert raised.container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    out = subprocess.run([helm, "template", "x", str(CHART), "-f", str(values_file("llada2-flash-8gpu")),
+                          "--set", "shm.enabled=false"], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "needs shm.enabled" in out.stderr
