@@ -165,3 +165,51 @@ def test_upgrade_is_ignored_and_one_with_a_body_refused(limited):
         b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload)
     assert status == 400 and body["error"]["code"] == "upgrade_not_supported" and b"connection: close" in head
     assert elapsed < 2
+
+
+def test_shutdown_answers_a_request_still_arriving_and_cuts_an_unread_response():
+    """What uvicorn's shutdown asks of each connection (drain's end): a
+    request still arriving gets a 503; a response its client stopped reading
+    (writes paused) is aborted instead of waiting on it; an idle one closes."""
+    import asyncio
+    from unittest import mock
+
+    import uvicorn
+    from uvicorn.server import ServerState as UvicornState
+
+    from server.api.http_limits import uvicorn_options
+
+    loop = asyncio.new_event_loop()
+    try:
+        protocol_class = uvicorn_options(ServerConfig())["http"]
+
+        def connection() -> tuple:
+            transport = mock.MagicMock()
+            transport.get_extra_info.return_value = None
+            transport.is_closing.return_value = False
+            proto = protocol_class(config=uvicorn.Config(app=lambda *a: None), server_state=UvicornState(),
+                                   app_state={}, _loop=loop)
+            proto.connection_made(transport)
+            return proto, transport
+
+        arriving, transport = connection()
+        arriving.data_received(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n{")
+        arriving.shutdown()
+        written = b"".join(call.args[0] for call in transport.write.call_args_list)
+        assert written.startswith(b"HTTP/1.1 503") and b'"code":"shutdown"' in written
+
+        unread, transport = connection()
+        unread.flow.pause_writing()
+        unread.shutdown()
+        transport.abort.assert_called_once()
+
+        idle, transport = connection()
+        idle.shutdown()
+        transport.close.assert_called()
+        transport.abort.assert_not_called()
+    finally:
+        pending = asyncio.all_tasks(loop)  # the app task the arriving request started
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        loop.close()
