@@ -43,6 +43,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-args", default="",
                    help="extra generation body fields, key=value,... (e.g. steps=32,block_length=8)")
     p.add_argument("--api-key", default=None, help="the server's --api-key")
+    p.add_argument("--timeout", type=float, default=3600,
+                   help="seconds one HTTP request may take (requests wait for each other's work in the batch)")
     p.add_argument("--include-path", default=None, help="another directory of lm-eval task YAMLs")
     p.add_argument("--output", default=None, help="write the results JSON here")
 
@@ -66,7 +68,7 @@ def run_eval(args: argparse.Namespace) -> int:
         extra[key.strip()] = _value(value.strip())
     lm = LLaDAServeLM(base_url=args.base_url, model=args.model_name, num_concurrent=args.num_concurrent,
                       mc_num=args.mc_num, seed=args.seed, check_greedy=not args.no_greedy_check,
-                      api_key=args.api_key, **extra)
+                      api_key=args.api_key, timeout=args.timeout, **extra)
     include = [str(TASKS_DIR)] + ([args.include_path] if args.include_path else [])
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     started = time.perf_counter()

@@ -13,7 +13,9 @@ over HTTP (importing this module registers it; needs the ``eval`` extra).
   context (no chunking: a text over the model's length is an error).
 
 Requests run ``num_concurrent`` at a time; the server batches them into its
-denoising steps. A 429 (queue full) is retried after its ``Retry-After``.
+denoising steps, so each waits for much of the others' work: ``timeout``
+(seconds per HTTP request) is generous. A 429 (queue full) is retried after
+its ``Retry-After``.
 Extra keyword arguments (``steps``, ``block_length``, ``remasking``, ...)
 go into every generation request's body as the server's diffusion fields.
 """
@@ -57,7 +59,7 @@ def cut_at_stops(text: str, stops: list[str]) -> str:
 class LLaDAServeLM(LM):
     def __init__(self, base_url: str = "http://127.0.0.1:8000", model: str | None = None, num_concurrent: int = 8,
                  mc_num: int = 128, pairs_per_request: int = 16, seed: int = 1234, check_greedy: bool = True,
-                 max_gen_toks: int = 256, timeout: float = 600, api_key: str | None = None, max_retries: int = 30,
+                 max_gen_toks: int = 256, timeout: float = 3600, api_key: str | None = None, max_retries: int = 30,
                  **decoding: Any):
         super().__init__()
         self.root = _root(base_url)
