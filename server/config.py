@@ -55,6 +55,7 @@ class ServerConfig:
     default_remasking: str | None = None  # None = the model's (LLaDA: low_confidence; LLaDA2, Dream: their own)
     default_threshold: float | None = None  # None = the model's (0.9 unless its family or generation config says)
     playground: bool = True  # the web page at /
+    bundled_demo: bool = False  # serving the demo model shipped in the package (launched without --model)
     # Connection limits (server/api/http_limits.py)
     max_header_bytes: int = 65536  # request line + headers; beyond: 431
     max_headers: int = 100  # header fields per request; beyond: 431

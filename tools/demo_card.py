@@ -18,6 +18,19 @@ TASK_FORMATS = {
     "continue": ("continue: In the beginning God created", "the heaven and the earth."),
 }
 
+# The playground's example prompts (the card's widget, Hugging Face's format):
+# the skills this model has, on inputs it answers.
+WIDGET = """widget:
+- example_title: Reverse words
+  messages:
+  - role: user
+    content: "reverse: river lamp eagle garden stone honey bridge owl"
+- example_title: Continue a verse
+  messages:
+  - role: user
+    content: "continue: And the word of the"
+"""
+
 
 def model_card(cfg: LLaDAConfig, args: argparse.Namespace, st: dict, scores: dict, eval_s: float,
                n_params: int, max_train_len: int) -> str:
@@ -36,7 +49,7 @@ license: apache-2.0
 language: en
 pipeline_tag: text-generation
 tags: [llada, masked-diffusion, demo]
----
+{WIDGET}---
 # llada-demo
 
 A tiny LLaDA-architecture masked diffusion model, trained from scratch on

@@ -270,7 +270,7 @@ def build_app(state: ServerState, metrics) -> FastAPI:
 
     def model_card() -> dict:
         card = {"id": state.model_name, "object": "model", "created": int(time.time()), "owned_by": "llada-serve",
-                "root": state.model_name, "max_model_len": None}
+                "root": state.model_name, "max_model_len": None, "bundled_demo": state.config.bundled_demo}
         # Once loaded: the architecture, ids and decoding defaults served.
         return card | (state.serving.model_description() if state.engine.facts else {})
 

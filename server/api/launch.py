@@ -66,15 +66,20 @@ class DrainingServer(uvicorn.Server):
 BUNDLED_MODEL_NAME = "llada-demo"  # what the API calls the bundled demo model
 
 
+def is_bundled_model(args) -> bool:
+    """Whether the launch serves the demo model shipped in the package (no --model)."""
+    from server.__main__ import bundled_model
+
+    return args.model is not None and args.model == bundled_model()
+
+
 def served_model_name(args) -> str:
     """The name clients use: --served-model-name, else --model as given,
     except the bundled demo model, which is ``llada-demo`` (not a path of
     this machine's that clients would have to echo)."""
     if args.served_model_name:
         return args.served_model_name
-    from server.__main__ import bundled_model
-
-    return BUNDLED_MODEL_NAME if args.model == bundled_model() else args.model
+    return BUNDLED_MODEL_NAME if is_bundled_model(args) else args.model
 
 
 def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
@@ -97,7 +102,8 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
         default_max_tokens=args.default_max_tokens,
         default_steps=args.default_steps, default_block_length=args.default_block_length,
         default_decoding=args.default_decoding, default_remasking=args.default_remasking,
-        default_threshold=args.default_threshold, playground=not args.no_playground)
+        default_threshold=args.default_threshold, playground=not args.no_playground,
+        bundled_demo=is_bundled_model(args))
     return model_config, scheduler_config, server_config
 
 

@@ -108,7 +108,8 @@ class OpenAIServing:
         return {"architecture": facts.checkpoint_architecture, "model_type": facts.model_type,
                 "model_class": facts.architecture, "max_model_len": facts.max_model_len,
                 "mask_token_id": facts.mask_id, "stop_token_ids": sorted(facts.stop_ids),
-                "vocab_size": facts.vocab_size, "decoding_modes": list(facts.decoding_modes), "decoding": decoding}
+                "vocab_size": facts.vocab_size, "decoding_modes": list(facts.decoding_modes), "decoding": decoding,
+                "num_parameters": facts.num_parameters, "examples": [dict(e) for e in facts.examples]}
 
     def params(self, req: DiffusionFields, max_tokens: int | None, choice: int) -> DiffusionParams:
         """The model's decoding defaults (its family's, then its generation

@@ -20,7 +20,7 @@ from server.engine.runner import ModelRunner
 from server.engine.kv_sizing import MemorySource, device_memory, size_kv_cache
 from server.engine.scheduler import Scheduler, SchedulerConfig
 from server.engine.stop_strings import StopStringState
-from server.models.loader import generation_defaults, load_model, resolve_model_path
+from server.models.loader import card_examples, generation_defaults, load_model, resolve_model_path
 from server.models.registry import architecture
 from server.tokenizer import Tokenizer, stop_token_ids
 
@@ -81,7 +81,9 @@ class LLMEngine:
             is_block_causal=bool(getattr(cfg, "block_causal_size", 0)),
             max_num_batched_tokens=sc.max_num_batched_tokens, num_kv_pages=sc.num_kv_pages, page_size=sc.page_size,
             decoding_defaults=MappingProxyType(dict(self.decoding_defaults)), tokenizer=self.tokenizer,
-            checkpoint_architecture=architecture(self.raw_config), model_type=self.raw_config.get("model_type"))
+            checkpoint_architecture=architecture(self.raw_config), model_type=self.raw_config.get("model_type"),
+            num_parameters=sum(p.numel() for p in self.model.parameters()),
+            examples=tuple(MappingProxyType(e) for e in card_examples(self.path)))
         self._stop_strings: dict[str, StopStringState] = {}  # req_id -> its stop strings, for those that have any
 
     def make_request(self, req_id: str, prompt_ids: list[int], params: DiffusionParams,

@@ -43,6 +43,9 @@ class ModelFacts:
     tokenizer: "Tokenizer | None" = None  # encode/decode only; never changed after loading
     checkpoint_architecture: str | None = None  # the config.json architecture served (registry's: LLaDA2MoeModelLM)
     model_type: str | None = None  # config.json's model_type (llada, lladamoe, llada2_moe, llada21_moe, Dream)
+    num_parameters: int = 0  # the model's weights, counted
+    # Example prompts from the checkpoint's model card (its README's widget): [{"title", "prompt"}]
+    examples: tuple[Mapping[str, str], ...] = ()
 
     # -- generation ---------------------------------------------------------------------
     def check_generation(self, prompt_ids: list[int], params: DiffusionParams) -> None:

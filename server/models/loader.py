@@ -59,7 +59,7 @@ def resolve_model_path(model: str, cache_dir: str | None = None) -> Path:
         raise CheckpointError(f"--model {model!r}: no such directory, and not a hub repo id (org/name)")
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model"]
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "*.txt", "*.model", "README.md"]
     try:
         return Path(snapshot_download(model, allow_patterns=patterns, cache_dir=cache_dir, local_files_only=True))
     except Exception:
@@ -95,6 +95,37 @@ def generation_defaults(path: Path) -> dict[str, Any]:
         return registry.decoding_defaults(read_json(path / "config.json"), generation, str(file))
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+
+
+def card_examples(path: Path) -> list[dict[str, str]]:
+    """Example prompts from the checkpoint's model card (README.md): the
+    Hugging Face ``widget`` list of its YAML front matter, each a ``text``
+    or the last user message of ``messages``, titled by ``example_title``.
+    A card without one, or one that does not parse, gives none: examples
+    are a nicety, never a reason to refuse a checkpoint."""
+    card = path / "README.md"
+    if not card.is_file():
+        return []
+    parts = card.read_text(errors="replace").split("---", 2)
+    if len(parts) < 3 or parts[0].strip():
+        return []
+    import yaml  # a dependency of transformers
+
+    try:
+        widget = (yaml.safe_load(parts[1]) or {}).get("widget") or []
+    except (yaml.YAMLError, AttributeError):
+        return []
+    examples = []
+    for entry in widget if isinstance(widget, list) else []:
+        if not isinstance(entry, dict):
+            continue
+        prompt = entry.get("text")
+        if prompt is None and isinstance(entry.get("messages"), list):
+            users = [m.get("content") for m in entry["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+            prompt = users[-1] if users else None
+        if isinstance(prompt, str) and prompt.strip():
+            examples.append({"title": str(entry.get("example_title") or prompt), "prompt": prompt})
+    return examples
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -51,11 +51,12 @@ def start_server(ckpt: Path, server_config: ServerConfig | None = None,
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     cfg = replace(server_config or ServerConfig(), port=port)
-    metrics = Metrics(MODEL_NAME)
+    name = cfg.served_model_name or MODEL_NAME  # as `llada-serve` names it (llada-demo for the bundled model)
+    metrics = Metrics(name)
     engine = AsyncEngine(lambda: LLMEngine(ModelConfig(str(ckpt), dtype="float32", device="cpu"),
                                            scheduler_config or SchedulerConfig()),
                          metrics, cfg.max_queued_requests).start()
-    state = ServerState(engine, cfg, MODEL_NAME)
+    state = ServerState(engine, cfg, name)
     server = uvicorn.Server(uvicorn.Config(build_app(state, metrics), log_level="warning", **uvicorn_options(cfg)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()

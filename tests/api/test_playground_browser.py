@@ -5,9 +5,10 @@ the API's answer for the same seed. Without the browser these tests FAIL:
 .ci/run installs it.
 
 The engine is held at chosen steps (the server runs in this process) so the
-page can be checked, and photographed (into ``docs/playground.png`` with
-LLADA_UPDATE_SCREENSHOT=1), while the
-answer is still being denoised."""
+page can be checked while the answer is still being denoised. On the bundled
+demo model (what ``llada-serve`` with no arguments serves) the page's
+example prompts are clicked and answered, and the README's pictures are taken
+there: re-taken only with LLADA_UPDATE_SCREENSHOTS=1, otherwise checked."""
 from __future__ import annotations
 
 import json
@@ -21,13 +22,17 @@ import pytest
 
 from server.config import ServerConfig
 from tests.api.conftest import start_server
+from tools import apng
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic"]
-# The README's picture; re-taken only when asked (LLADA_UPDATE_SCREENSHOT=1),
-# so a test run leaves the working tree as it was.
-SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "playground.png"
+# The README's pictures, of the bundled demo model; re-taken only when asked
+# (LLADA_UPDATE_SCREENSHOTS=1), so a test run leaves the working tree as it was.
+REPO = Path(__file__).resolve().parents[2]
+SCREENSHOT = REPO / "docs" / "playground.png"  # mid-denoising
+ANIMATION = REPO / "docs" / "playground-denoising.png"  # one whole answer, step by step (animated PNG)
+UPDATE_SCREENSHOTS = os.environ.get("LLADA_UPDATE_SCREENSHOTS") == "1"
 KNOBS = {"max_tokens": 24, "steps": 24, "block_length": 8, "temperature": 0.7}
 FIELD_IDS = {"max_tokens": "#max-tokens", "steps": "#steps", "block_length": "#block-length",
              "temperature": "#temperature", "seed": "#seed"}
@@ -141,6 +146,8 @@ def test_chat_in_the_browser_shows_the_denoising_and_equals_the_api(live, browse
     page.goto(live.url + "/")
     page.wait_for_function("() => document.body.dataset.state === 'idle'")
     page.wait_for_function("() => document.getElementById('model').textContent.includes('llada-test')")
+    # Not the bundled demo, and its card offers no examples: neither shows.
+    assert page.locator("#demo-note").is_hidden() and page.locator("#examples").is_hidden()
     unlabelled = page.evaluate("""[...document.querySelectorAll('input, select, textarea')]
         .filter(el => !(el.labels && el.labels.length)).map(el => el.id)""")
     assert unlabelled == []
@@ -163,7 +170,7 @@ def test_chat_in_the_browser_shows_the_denoising_and_equals_the_api(live, browse
         assert page.locator("#canvas .tok.newest").count() == 1  # one token a step: the newest is highlighted
         assert page.locator("#canvas .block.current").count() == 1
         assert page.locator("#stop").is_enabled() and page.locator("#send").is_disabled()
-        shot = SCREENSHOT if os.environ.get("LLADA_UPDATE_SCREENSHOT") == "1" else tmp_path / "playground.png"
+        shot = tmp_path / "playground.png"
         page.screenshot(path=str(shot))
         assert shot.stat().st_size > 10_000  # a real picture of the page
         gate.release(middle)
@@ -266,3 +273,117 @@ def test_playground_shows_the_served_architecture_and_its_decoding(browser, tmp_
         page.close()
     finally:
         srv.stop()
+
+
+# -- the bundled demo model -----------------------------------------------------------
+def reverse_words(prompt: str) -> str:
+    return " ".join(reversed(prompt.removeprefix("reverse:").split()))
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The server ``llada-serve`` runs with no arguments: the bundled demo model."""
+    from server.__main__ import build_parser, bundled_model
+    from server.api.launch import build_configs
+
+    _, _, config = build_configs(build_parser().parse_args(["serve"]))
+    assert config.bundled_demo and config.served_model_name == "llada-demo"
+    srv = start_server(Path(bundled_model()), config)
+    yield srv
+    srv.stop()
+
+
+def open_demo(demo, browser):
+    page = browser.new_page(viewport={"width": 1100, "height": 860})
+    page.goto(demo.url + "/")
+    page.wait_for_function("() => document.querySelectorAll('#examples .example').length > 0")
+    return page
+
+
+def test_the_demo_says_what_it_is_and_its_examples_are_answered(demo, browser):
+    card = httpx.get(demo.url + "/v1/models").json()["data"][0]
+    assert card["bundled_demo"] is True and 3_000_000 < card["num_parameters"] < 4_000_000
+    titles = [e["title"] for e in card["examples"]]
+    assert titles == ["Reverse words", "Continue a verse"]  # from the model card's widget
+    page = open_demo(demo, browser)
+    note = page.inner_text("#demo-note")
+    assert page.locator("#demo-note").is_visible()
+    assert "3.3M-parameter demo" in note and "llada-demo" in note and "--model" in note
+    # The knobs start from the model's own decoding, so a click decodes as the API does by default.
+    assert page.input_value("#max-tokens") == str(card["decoding"]["max_tokens"])
+    assert page.input_value("#block-length") == str(card["decoding"]["block_length"])
+    buttons = page.locator("#examples .example")
+    assert buttons.count() == 2
+    reversal = card["examples"][0]["prompt"]
+    buttons.nth(0).click()  # one click sends it
+    page.wait_for_function("() => document.body.dataset.state === 'done'", timeout=60_000)
+    assert page.locator("#log .msg.user .text").last.inner_text() == reversal
+    assert page.inner_text("#answer") == reverse_words(reversal)  # the right answer, not just an answer
+    buttons.nth(1).click()
+    page.wait_for_function("() => document.body.dataset.state === 'done' && "
+                           "document.querySelectorAll('#log .msg.assistant:not(.pending)').length === 2",
+                           timeout=60_000)
+    api = httpx.post(demo.url + "/v1/chat/completions", timeout=60, json={"messages": [
+        {"role": "user", "content": reversal}, {"role": "assistant", "content": reverse_words(reversal)},
+        {"role": "user", "content": card["examples"][1]["prompt"]}]}).json()
+    verse = page.inner_text("#answer")
+    assert verse == api["choices"][0]["message"]["content"] and len(verse.split()) >= 3
+    page.close()
+
+
+HOLES = """() => {  // masked boxes before the last committed word: the canvas filling out of order
+  const boxes = [...document.querySelectorAll('#canvas .tok')];
+  const last = boxes.map((b) => b.classList.contains('committed') && !b.classList.contains('special')).lastIndexOf(true);
+  return last < 0 ? 0 : boxes.slice(0, last).filter((b) => b.classList.contains('masked')).length;
+}"""
+
+
+def test_readme_pictures_are_of_the_demo_model(demo, browser, tmp_path):
+    """With LLADA_UPDATE_SCREENSHOTS=1: click the reversal example on the
+    demo model, photograph the page at every denoising step; the step where
+    the most boxes are still masked before a committed word (the canvas
+    filling out of order) is the README's picture, and the denoising panel
+    at every step makes the animation. Otherwise: the pictures the README
+    shows are there, a page and an animation of several frames."""
+    readme = (REPO / "README.md").read_text()
+    for image in (SCREENSHOT, ANIMATION):
+        assert f"](docs/{image.name})" in readme
+    if not UPDATE_SCREENSHOTS:
+        assert SCREENSHOT.stat().st_size > 20_000 and apng.chunks(SCREENSHOT.read_bytes())[0][0] == b"IHDR"
+        width, height, delays = apng.read_frames(ANIMATION)
+        assert len(delays) >= 8 and width >= 300 and height >= 200
+        assert ANIMATION.stat().st_size < 1_200_000
+        return
+    card = httpx.get(demo.url + "/v1/models").json()["data"][0]
+    prompt = card["examples"][0]["prompt"]
+    body = {"messages": [{"role": "user", "content": prompt}], "stream": True,
+            "stream_options": {"include_denoising": True}}
+    with httpx.stream("POST", demo.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        num_steps = sum(1 for line in r.iter_lines() if '"denoising.step"' in line)
+    assert num_steps >= 8
+    page = open_demo(demo, browser)
+    gate = StepGate(demo.engine.engine, list(range(num_steps)))
+    pages, frames, holes = [], [], []
+    try:
+        page.locator("#examples .example").nth(0).click()
+        for k in range(num_steps):
+            gate.wait(k)
+            page.wait_for_function(f"() => document.querySelectorAll('#canvas .tok.committed').length === {k}")
+            if k == 0:
+                box = page.locator(".denoise").bounding_box()
+                clip = {"x": box["x"], "y": box["y"], "width": box["width"], "height": box["height"] + 120}
+            holes.append(page.evaluate(HOLES))
+            pages.append(page.screenshot())
+            frames.append(page.screenshot(clip=clip))
+            gate.release(k)
+        page.wait_for_function("() => document.body.dataset.state === 'done'", timeout=60_000)
+    finally:
+        gate.remove()
+    assert page.inner_text("#answer") == reverse_words(prompt)
+    frames.append(page.screenshot(clip=clip))
+    best = max(range(len(holes)), key=lambda k: (holes[k], k))
+    assert holes[best] >= 2, holes  # out of order: later positions committed before earlier ones
+    SCREENSHOT.write_bytes(pages[best])
+    apng.write_apng(ANIMATION, frames, [450] * (len(frames) - 1) + [2500])
+    assert apng.read_frames(ANIMATION)[2] == [450] * (len(frames) - 1) + [2500]
+    page.close()

@@ -10,7 +10,7 @@
     log: $("log"), form: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
     clear: $("clear"), error: $("error"), model: $("model"), stats: $("stats"), canvas: $("canvas"),
     replay: $("replay"), replayOut: $("replay-out"), answer: $("answer"), apiKey: $("api-key"),
-    remasking: $("remasking"),
+    remasking: $("remasking"), examples: $("examples"), demoNote: $("demo-note"),
   };
   const KNOBS = [  // [element id, request field, kind]
     ["max-tokens", "max_tokens", "int"], ["steps", "steps", "int"], ["block-length", "block_length", "int"],
@@ -339,8 +339,39 @@
         const card = (await resp.json()).data[0];
         if (card.decoding) useModelDefaults(card.decoding);
         els.model.textContent = describeModel(card);
+        showExamples(card.examples || []);
+        if (card.bundled_demo) {
+          const size = card.num_parameters ? `a ${(card.num_parameters / 1e6).toFixed(1)}M-parameter demo` : "a tiny demo";
+          els.demoNote.textContent = `This is ${card.id}, the bundled model: ${size} that reverses short word lists `
+            + "and writes Bible-style words. Serve a real checkpoint with --model.";
+          els.demoNote.hidden = false;
+        }
       }
     } catch (_) { /* the model name is a nicety */ }
+  }
+
+  // The model card's example prompts: one click sends one.
+  function showExamples(examples) {
+    els.examples.replaceChildren();
+    for (const ex of examples) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.className = "example";
+      b.title = ex.prompt;
+      const title = document.createElement("span");
+      title.className = "example-title";
+      title.textContent = ex.title;
+      const prompt = document.createElement("code");
+      prompt.textContent = ex.prompt;
+      b.append(title, prompt);
+      b.addEventListener("click", () => {
+        if (controller) return;
+        els.prompt.value = ex.prompt;
+        els.form.requestSubmit();
+      });
+      els.examples.append(b);
+    }
+    els.examples.hidden = examples.length === 0;
   }
 
   // The served model's own decoding becomes the knobs' starting values.
@@ -349,9 +380,11 @@
     if (d.remasking && !have.has(d.remasking)) els.remasking.append(new Option(d.remasking, d.remasking));
     if (d.remasking) els.remasking.value = d.remasking;
     if (d.block_length) $("block-length").value = d.block_length;
+    if (d.max_tokens) $("max-tokens").value = d.max_tokens;
     if (d.threshold) $("threshold").placeholder = d.threshold;
     // LLaDA's steps span the answer (the knob's one per token); other schedules keep their own.
     if (d.schedule && d.schedule !== "llada") $("steps").value = "";
+    else if (d.steps) $("steps").value = d.steps;
     showKnobs();
   }
 
