@@ -218,3 +218,20 @@ def test_streamed_safetensors_file_reads_back(tmp_path, golden_dir):
     assert torch.equal(model.blocks[1].qkv_proj.weight, ref.blocks[1].qkv_proj.weight.to(torch.bfloat16))
     with pytest.raises(ValueError, match="declared"):
         write_safetensors_streaming(out / "bad.safetensors", specs[:1], lambda *a: torch.zeros(3))
+
+
+def test_card_examples_come_from_the_model_cards_widget(tmp_path):
+    from server.models.loader import card_examples
+
+    card = tmp_path / "README.md"
+    assert card_examples(tmp_path) == []  # no card
+    card.write_text("---\nlicense: mit\nwidget:\n- text: 'Paris is the capital of'\n- example_title: Chat\n"
+                    "  messages:\n  - role: system\n    content: Be brief.\n  - role: user\n    content: hi\n"
+                    "  - role: user\n    content: 'reverse: a b c'\n- example_title: empty\n  text: '  '\n"
+                    "- just a string\n---\n# A model\n")
+    assert card_examples(tmp_path) == [{"title": "Paris is the capital of", "prompt": "Paris is the capital of"},
+                                       {"title": "Chat", "prompt": "reverse: a b c"}]
+    card.write_text("---\nwidget: [unclosed\n---\n")
+    assert card_examples(tmp_path) == []  # does not parse: none, the model still loads
+    card.write_text("# no front matter\n---\nwidget:\n- text: x\n---\n")
+    assert card_examples(tmp_path) == []
