@@ -109,6 +109,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     flag("body-timeout", float, 30.0, "seconds a request's body may take to arrive after its headers; then 408")
     flag("keep-alive-timeout", float, 5.0, "seconds an idle kept-alive connection stays open")
     flag("max-connections", int, 1000, "open connections; a request on one beyond gets 503")
+    p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                   default=str(_env_default("enforce-eager", "true")).lower() in ("1", "true", "yes", "on"),
+                   help="run every step ragged, as scheduled (default). Off: cache use steps of one width padded to "
+                   "batch-size buckets (1, 2, 4, ... max-num-seqs), static shapes, the form CUDA graphs need; no "
+                   "graphs are captured yet, so that only adds padding [LLADA_SERVE_ENFORCE_EAGER]")
     p.add_argument("--no-playground", action="store_true",
                    default=str(_env_default("no-playground", "")).lower() in ("1", "true", "yes", "on"),
                    help="do not serve the playground web page at /")

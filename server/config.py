@@ -23,6 +23,10 @@ class ModelConfig:
     # Ranks the model is split over (Megatron-style, one process per rank on
     # this machine: server/engine/tp_workers.py); 1 = one process, no split.
     tensor_parallel_size: int = 1
+    # True: every step runs ragged, as scheduled. False: cache use steps of one width are
+    # padded to batch-size buckets (static shapes, server/engine/buckets.py). No CUDA graphs
+    # are captured yet, so padding alone only adds work: eager is the default.
+    enforce_eager: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:

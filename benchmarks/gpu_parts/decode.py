@@ -1,8 +1,10 @@
 """gpu_check part (d): decoding speed of the LLaDA-8B-shaped random bf16
 checkpoint (see _llada8b.py) through LLMEngine on the GPU: tokens/s at
 concurrency 1, 16 and 64 for exact, dual_cache, and dual_cache committing 4
-tokens per step, each with CUDA graphs off and on (when the engine has an
-``enforce_eager`` setting: --graphs), and each step's time beside its
+tokens per step, each with graphs off and on (``enforce_eager`` True/False,
+--graphs: "on" pads static cache use steps to batch-size buckets, the step
+CUDA graphs are captured for; the engine captures none yet, so today "on"
+measures what the padding costs), and each step's time beside its
 roofline floor, max(bytes / bandwidth, FLOPs / matrix rate), with both
 ceilings measured on the device first (a device-to-device copy, a bf16
 matrix product).

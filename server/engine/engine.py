@@ -13,6 +13,7 @@ from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.facts import ModelFacts
 from server.engine.faults import check_device
+from server.engine.buckets import batch_buckets
 from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
 from server.engine.request import Request, RequestStatus
@@ -70,7 +71,8 @@ class LLMEngine:
 
             sc = agree_kv(sc, self.workers.control)
         self.scheduler = Scheduler(sc)
-        self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size)
+        self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size,
+                                  None if model_config.enforce_eager else batch_buckets(sc.max_num_seqs))
         if self.workers is not None:
             self.runner = self.workers.wrap(self.runner)
         self.last_step = StepStats(0, 0, [])

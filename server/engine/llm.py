@@ -37,12 +37,13 @@ class LLM:
                  max_num_seqs: int = SchedulerConfig.max_num_seqs,
                  max_num_batched_tokens: int = SchedulerConfig.max_num_batched_tokens, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, kv_cache_tokens: int | None = None,
-                 tensor_parallel_size: int = 1):
+                 tensor_parallel_size: int = 1, enforce_eager: bool = True):
         """``tensor_parallel_size`` > 1 starts that many ranks (this process
         and worker processes, which end with it or with ``close``)."""
         self.engine = LLMEngine(
             ModelConfig(model=model, dtype=dtype, device=device, max_model_len=max_model_len,
-                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size),
+                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                        enforce_eager=enforce_eager),
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             kv_cache_tokens=kv_cache_tokens),
         )

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from sampler.block_diffusion import StepRows, apply_cfg, denoise_step, edit_step
+from server.engine.buckets import batch_buckets, bucket_for, static_width
 from server.engine.likelihood_batch import pack_scores, score
 from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
 from server.models.kv_cache import CacheView, PagedKVCache
@@ -71,8 +72,12 @@ def plan(s: ScheduledSeq) -> SeqPlan:
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, mask_id: int, num_kv_pages: int = 0, page_size: int = 16):
+    def __init__(self, model: torch.nn.Module, mask_id: int, num_kv_pages: int = 0, page_size: int = 16,
+                 bucket_sizes: list[int] | None = None):
+        """``bucket_sizes``: pad static use steps to these batch sizes
+        (server/engine/buckets.py); None = every step ragged, as scheduled."""
         self.model = model
+        self.bucket_sizes = bucket_sizes
         self.mask_id = mask_id
         self.device = model.device
         self.kv_cache = None
@@ -87,6 +92,9 @@ class ModelRunner:
         if not seqs and not sched.scores:
             return RunnerOutput()
         plans = [plan(s) for s in seqs]
+        width = None  # a static step's tokens per sequence, when it is padded to its bucket
+        if self.bucket_sizes is not None and not sched.scores:
+            width = static_width(seqs, [p.end - p.start for p in plans])
         ids: list[int] = []
         positions: list[np.ndarray] = []  # per packed sequence
         cu_seqlens = [0]
@@ -98,6 +106,14 @@ class ModelRunner:
             positions.append(np.arange(p.start, p.end))
             cu_seqlens.append(start + p.end - p.start)
             cond_rows += [start + r - p.start for r in sorted(s.rows + s.edit_rows)]
+        num_pad = 0
+        if width is not None:  # padding sequences: blocks of masks that attend only to themselves
+            num_pad = bucket_for(len(seqs), self.bucket_sizes) - len(seqs)
+            real_rows = cond_rows
+            cond_rows = list(range(cu_seqlens[-1] + num_pad * width))  # the LM head on every token: static
+            ids += [self.mask_id] * (num_pad * width)
+            positions += [np.arange(width)] * num_pad
+            cu_seqlens += [cu_seqlens[-1] + width * (i + 1) for i in range(num_pad)]
         for s in seqs:  # unconditional canvases after all conditional ones (exact mode only)
             if s.cfg_scale > 0:
                 start = cu_seqlens[-1]
@@ -109,6 +125,8 @@ class ModelRunner:
         # Rows per packed sequence (conditional canvases, then unconditional
         # ones), ascending: the last layer computes only these rows.
         row_counts = [len(s.rows) + len(s.edit_rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
+        if width is not None:
+            row_counts = [width] * (len(seqs) + num_pad)
         score_rows: list[int] = []
         pack = None
         if sched.scores:  # likelihood samples' canvases go last
@@ -130,6 +148,8 @@ class ModelRunner:
             logits_cu_seqlens=rows_cu,
             **self._causal_blocks(seqs, len(cu_seqlens) - 1),
         )
+        if width is not None:  # the real sequences' rows; padding's logits are dropped
+            logits = logits.index_select(0, as_long(real_rows, dev))
         out = RunnerOutput()
         vocab = getattr(self.model, "vocab_shard", None)  # tensor parallel: logits are this rank's vocabulary slice
         if vocab is not None and (pack is not None or any(s.num_logprobs is not None for s in seqs)):

@@ -159,6 +159,7 @@ def _worker_main(rank: int, size: int, port: int, model_config: ModelConfig, sch
                  parent_pid: int) -> None:
     from server.engine.faults import is_device_error
     from server.engine.kv_sizing import device_memory, size_kv_cache
+    from server.engine.buckets import batch_buckets
     from server.engine.runner import ModelRunner
     from server.models.loader import generation_defaults, load_model, resolve_model_path
 
@@ -172,7 +173,9 @@ def _worker_main(rank: int, size: int, port: int, model_config: ModelConfig, sch
     sc = size_kv_cache(model, scheduler_config, model_config.gpu_memory_utilization, device_memory(model.device),
                        generation_defaults(path).get("gen_length", 128))
     sc = agree_kv(sc, control)
-    runner = ModelRunner(model, model.config.mask_token_id, sc.num_kv_pages, sc.page_size)
+    # Rank 0's buckets too: every rank must pad a step alike, or their collectives' shapes differ.
+    runner = ModelRunner(model, model.config.mask_token_id, sc.num_kv_pages, sc.page_size,
+                         None if model_config.enforce_eager else batch_buckets(sc.max_num_seqs))
     while True:
         box: list[Any] = [None]
         dist.broadcast_object_list(box, src=0, group=control)
