@@ -86,10 +86,14 @@ def test_the_deadline_ends_streams_with_a_shutdown_event_and_others_with_503(lau
     def plain():
         result["plain"] = httpx.post(url + "/v1/completions", json={**LONG, "n": 2}, timeout=60)
 
-    threads = [threading.Thread(target=streamed), threading.Thread(target=plain)]
+    def likelihood():
+        result["likelihood"] = httpx.post(url + "/v1/loglikelihood", timeout=60, json={
+            "requests": [{"context": [5, 6, 7], "continuation": [8, 9] * 60}], "mc_num": 4096, "seed": 1})
+
+    threads = [threading.Thread(target=f) for f in (streamed, plain, likelihood)]
     for t in threads:
         t.start()
-    time.sleep(0.3)  # both queued or running
+    assert wait_for(lambda: _num_requests(url) >= 4, 30)  # 1 + 2 choices + 1 likelihood, queued or running
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     for t in threads:
@@ -101,8 +105,18 @@ def test_the_deadline_ends_streams_with_a_shutdown_event_and_others_with_503(lau
     last = json.loads(lines[-2][6:])
     assert last["error"]["code"] == "shutdown" and last["error"]["type"] == "server_error"
     assert all("error" not in json.loads(line[6:]) for line in lines[:-2])  # the rest were ordinary chunks
-    plain = result["plain"]
-    assert plain.status_code == 503 and plain.json()["error"]["code"] == "shutdown"
+    for name in ("plain", "likelihood"):
+        r = result[name]
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutdown", (name, r.text)
+
+
+def _num_requests(url: str) -> float:
+    """Requests the engine holds (running + waiting), from /metrics."""
+    total = 0.0
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(("llada_num_requests_running{", "llada_num_requests_waiting{")):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _connect(url: str, rcvbuf: int | None = None) -> socket.socket:
