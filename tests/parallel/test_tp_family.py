@@ -11,7 +11,6 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import golden_cases, golden_path, golden_rows
-from tests.parallel.harness import run_job, run_parallel
 
 pytestmark = pytest.mark.golden
 
@@ -81,8 +80,7 @@ def dream_requests() -> tuple[list, list]:
 REQUESTS = {"llada-moe": llada_moe_requests, "llada2": llada2_requests, "dream": dream_requests}
 
 
-@pytest.fixture(scope="module")
-def results():
+def family_jobs() -> list[dict]:
     jobs = []
     for name, make in REQUESTS.items():
         for dtype in ("float64", "float32"):
@@ -90,7 +88,12 @@ def results():
             requests, expected = make()
             jobs.append(dict(kind="generate", path=str(golden_path(name)), dtype=dtype, requests=requests,
                              expected=expected, name=name))
-    return jobs, run_parallel(jobs), [run_job(job, None) for job in jobs]
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def results(tp_runs):
+    return tp_runs["family"]
 
 
 def test_ranks_agree(results):

@@ -6,12 +6,13 @@ with fewer KV heads than ranks (replicated) and a vocabulary that does not
 split evenly."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from tests.conftest import golden_path, golden_rows, make_random_checkpoint
-from tests.parallel.harness import run_job, run_parallel
 
 PROMPT = [204, 68, 268, 43, 100, 190, 179, 266, 147, 12, 244, 58]
 SMALL_PROMPT = [5, 9, 17, 3, 22, 40, 11]
@@ -35,14 +36,10 @@ VARIANTS = [
 LOGPROBS = dict(steps=12, gen_length=24, block_length=8, logprobs=3)
 
 
-@pytest.fixture(scope="module")
-def small_checkpoint(tmp_path_factory):
+def llada_jobs(tmp: Path) -> list[dict]:
     # 4 q heads, 1 KV head: replicated on both ranks; 61 tokens: 30 and 31 per rank.
-    return make_random_checkpoint(tmp_path_factory.mktemp("tp") / "ckpt", seed=3, n_kv_heads=1, vocab_size=61,
-                                  mask_token_id=60, eos_token_id=59, pad_token_id=59)
-
-
-def jobs_for(small) -> list[dict]:
+    small = make_random_checkpoint(tmp / "ckpt", seed=3, n_kv_heads=1, vocab_size=61, mask_token_id=60,
+                                   eos_token_id=59, pad_token_id=59)
     g = golden_path("llada")
     logits = load_file(str(g / "logits.safetensors"))
     ids = logits["logits_input_ids"]
@@ -80,9 +77,8 @@ def scores_job() -> dict:
 
 
 @pytest.fixture(scope="module")
-def results(small_checkpoint):
-    jobs = jobs_for(small_checkpoint)
-    return jobs, run_parallel(jobs), [run_job(job, None) for job in jobs]
+def results(tp_runs):
+    return tp_runs["llada"]
 
 
 def test_ranks_agree(results):
