@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import httpx
 
@@ -83,3 +84,29 @@ def test_continuous_usage_stats_puts_usage_on_every_chunk(live):
     assert events[-1]["choices"] == [] and done[-1] == done[-2]  # the final usage chunk agrees
     plain = stream_events(live.url, {**body, "stream_options": {"include_usage": True}})
     assert [("usage" in e) for e in plain] == [False] * (len(plain) - 1) + [True]
+
+
+def test_add_special_tokens_changes_the_prompt_where_the_tokenizer_adds_bos():
+    """On the bundled demo, whose tokenizer puts BOS first, the flag decides
+    whether BOS is in the prompt: a server that ignored it would count the
+    same prompt tokens both ways."""
+    from server.__main__ import bundled_model
+    from tests.api.conftest import start_server
+
+    srv = start_server(Path(bundled_model()))
+    try:
+        bos = srv.engine.facts.tokenizer.hf.bos_token_id
+        tokens, counted = {}, {}
+        for special in (True, False):
+            tokens[special] = httpx.post(srv.url + "/tokenize", json={"prompt": "hello world",
+                                                                     "add_special_tokens": special}).json()["tokens"]
+            r = httpx.post(srv.url + "/v1/completions", json={"prompt": "hello world", "max_tokens": 8,
+                                                              "add_special_tokens": special}, timeout=60)
+            assert r.status_code == 200, r.text
+            counted[special] = r.json()["usage"]["prompt_tokens"]
+        assert bos is not None and tokens[True] == [bos, *tokens[False]] and bos not in tokens[False]
+        assert counted == {True: len(tokens[True]), False: len(tokens[False])}
+        default = httpx.post(srv.url + "/tokenize", json={"prompt": "hello world"}).json()["tokens"]
+        assert default == tokens[True]  # the default adds them, as vLLM's completions do
+    finally:
+        srv.stop()
