@@ -4,7 +4,9 @@
 
 Exact-match accuracy per synthetic task (add, reverse, sort, continue), and
 for verse continuation also the share of generated words that are real
-corpus words. Decoding options are the CLI's (--gen-length, --steps,
+corpus words. ``reverse_unseen`` is reported separately: reversing KJV words
+that no training list held (the reversal training lists draw only from
+``tools/demo_tasks.WORDS``), so it measures whether reversal generalises. Decoding options are the CLI's (--gen-length, --steps,
 --block-length, --temperature, --remasking, --threshold, --factor,
 --decoding, --seed). All items of all tasks run as one ragged batch.
 JSON: {"tasks": {name: {"accuracy", "n"}}, "tokens_per_second", "decoding": {...}}.
@@ -25,8 +27,12 @@ from sampler.params import DiffusionParams  # noqa: E402
 from tools import demo_data, demo_tasks  # noqa: E402
 
 
-def load_items(n: int) -> dict[str, list]:
-    return {task: demo_tasks.heldout_items(task, n) for task in demo_tasks.TASKS}
+def load_items(n: int, unseen: bool = False) -> dict[str, list]:
+    """``n`` held-out items per task; with ``unseen``, also ``n`` reversals of unseen words."""
+    items = {task: demo_tasks.heldout_items(task, n) for task in demo_tasks.TASKS}
+    if unseen:
+        items[demo_tasks.UNSEEN_REVERSE] = demo_tasks.unseen_reversal_items(n)
+    return items
 
 
 def evaluate(llm, items: dict[str, list], params: DiffusionParams, vocabulary: set[str]) -> dict:
@@ -96,11 +102,13 @@ def main() -> None:
     llm = LLM(model, dtype=args.dtype, device="cpu", max_num_seqs=256,
               max_num_batched_tokens=1 << 20)
     vocabulary = demo_data.corpus_vocabulary(demo_data.load_verses())
-    result = evaluate(llm, load_items(args.n), params, vocabulary)
-    print(f"{'task':>9} | {'accuracy':>8} | {'n':>4} | real words")
+    result = evaluate(llm, load_items(args.n, unseen=True), params, vocabulary)
+    print(f"{'task':>14} | {'accuracy':>8} | {'n':>4} | real words")
     for task, r in result["tasks"].items():
+        if task == demo_tasks.UNSEEN_REVERSE:
+            print("  words no training list held:")
         extra = f"{r['real_word_share']:.1%}" if "real_word_share" in r else ""
-        print(f"{task:>9} | {r['accuracy']:>8.1%} | {r['n']:>4} | {extra}")
+        print(f"{task:>14} | {r['accuracy']:>8.1%} | {r['n']:>4} | {extra}")
     print(f"tokens/s {result['tokens_per_second']:.1f}, forward steps {result['forward_steps']}")
     if args.json:
         out = {"tasks": result["tasks"], "tokens_per_second": result["tokens_per_second"],

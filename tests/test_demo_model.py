@@ -103,3 +103,23 @@ def test_server_chat_on_the_demo_model():
         assert body["choices"][0]["finish_reason"] == "stop"
     finally:
         live.stop()
+
+
+def test_unseen_reversal_words_were_never_in_a_training_list():
+    """benchmarks/eval_tasks.py's reverse_unseen set: corpus words outside
+    the reversal training lists (demo_tasks.WORDS), in the training format."""
+    from tools import demo_tasks
+    from tools.demo_data import Verse
+
+    verses = [Verse("Genesis 1:1", "And the apple of Aaron's eye, LORD; lo, a river of Zion."),
+              Verse("Genesis 1:2", "Behold thy servant cometh unto the mountain of Moriah.")]
+    words = demo_tasks.unseen_words(verses)
+    assert words == sorted({"and", "the", "eye", "lord", "zion", "behold", "thy", "servant", "cometh", "unto",
+                            "moriah"})  # not apple/river/mountain (trained), aaron's, lo, a, of
+    assert not set(words) & set(demo_tasks.WORDS)
+    items = demo_tasks.unseen_reversal_items(20, verses)
+    assert items == demo_tasks.unseen_reversal_items(20, verses)  # the same on every run
+    for item in items:
+        prompt_words = item.prompt.removeprefix("reverse: ").split()
+        assert 3 <= len(prompt_words) <= 8 and set(prompt_words) <= set(words)
+        assert item.answer == reverse(" ".join(prompt_words)) and item.task == demo_tasks.UNSEEN_REVERSE

@@ -7,6 +7,11 @@
 | sort | ``sort: 5 3 9`` | ``3 5 9`` (3-8 numbers in 0..99, ascending) |
 | continue | ``continue: <first half of a KJV verse>`` | the rest of the verse |
 
+``reverse_unseen`` (evaluation only) reverses 3-8 words of the KJV corpus's
+vocabulary that no training list ever held (not in ``WORDS``): whether
+reversal generalises beyond the words it was trained on
+(``unseen_reversal_items``).
+
 Held-out items are disjoint from training by construction: an item is
 held out when a hash of its task and key (the prompt; for ``continue`` the
 verse reference) falls in a fixed bucket, and training samples only items
@@ -24,6 +29,8 @@ from pathlib import Path
 from tools import demo_data
 
 TASKS = ("add", "reverse", "sort", "continue")
+UNSEEN_REVERSE = "reverse_unseen"  # evaluation only: reversal of words no training list held
+UNSEEN_WORD_LETTERS = (3, 8)  # unseen words are plain lower-case words of this many letters
 HELDOUT_BUCKETS = 16  # 1 in 16 synthetic prompts is held out
 VERSE_HELDOUT_BUCKETS = 50  # 1 in 50 verses is held out (also from pretraining)
 CONTINUE_WORDS = (8, 20)  # verses used for continuation have this many words
@@ -124,6 +131,27 @@ class TaskSet:
                 seen.add(item.key)
                 items.append(item)
         return items
+
+
+def unseen_words(verses: list[demo_data.Verse]) -> list[str]:
+    """Words of the KJV corpus's vocabulary that no reversal training list
+    held (training lists draw only from ``WORDS``): plain lower-case words
+    (no apostrophes) of 3-8 letters, sorted."""
+    lo, hi = UNSEEN_WORD_LETTERS
+    seen = set(WORDS)
+    return sorted(w for w in demo_data.corpus_vocabulary(verses)
+                  if w.isalpha() and lo <= len(w) <= hi and w not in seen)
+
+
+def unseen_reversal_items(n: int, verses: list[demo_data.Verse] | None = None) -> list[Item]:
+    """``n`` reversal items of 3-8 unseen words (``unseen_words``), the
+    training prompt's format; the same on every run."""
+    pool = unseen_words(verses if verses is not None else demo_data.load_verses())
+    rng, items = random.Random(f"heldout-{UNSEEN_REVERSE}"), []
+    for _ in range(n):
+        ws = rng.sample(pool, rng.randint(3, 8))
+        items.append(Item(UNSEEN_REVERSE, "reverse: " + " ".join(ws), " ".join(reversed(ws)), " ".join(ws)))
+    return items
 
 
 def heldout_items(task: str, n: int, cache: Path = demo_data.DEFAULT_CACHE) -> list[Item]:
