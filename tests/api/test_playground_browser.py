@@ -328,6 +328,8 @@ def test_the_demo_says_what_it_is_and_its_examples_are_answered(demo, browser):
         {"role": "user", "content": card["examples"][1]["prompt"]}]}).json()
     verse = page.inner_text("#answer")
     assert verse == api["choices"][0]["message"]["content"] and len(verse.split()) >= 3
+    page.set_viewport_size({"width": 375, "height": 740})  # the note and examples fit a phone
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
     page.close()
 
 
