@@ -152,8 +152,8 @@ class ModelRunner:
             logits = logits.index_select(0, as_long(real_rows, dev))
         out = RunnerOutput()
         vocab = getattr(self.model, "vocab_shard", None)  # tensor parallel: logits are this rank's vocabulary slice
-        if vocab is not None and (pack is not None or any(s.num_logprobs is not None for s in seqs)):
-            logits, vocab = vocab.gather(logits), None  # likelihood scores and logprobs read whole rows
+        if vocab is not None and pack is not None:
+            logits, vocab = vocab.gather(logits), None  # likelihood scores read whole rows
         if pack is not None:
             out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):])
             logits = logits[:len(cond_rows) + len(uncond_rows)]
@@ -193,15 +193,17 @@ class ModelRunner:
             out.confidences[s.req_id] = [c for _, _, c in picked]
             i += len(s.rows)
         if any(s.num_logprobs is not None for s in seqs):
-            out.logprobs = self._logprobs(row_logits, seqs, out.commits)
+            out.logprobs = self._logprobs(row_logits, seqs, out.commits, vocab)
         return out
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[ScheduledSeq],
-                  commits: dict[str, tuple[list[int], list[int]]]) -> dict[str, list[TokenLogprob]]:
+    def _logprobs(logits: torch.Tensor, seqs: list[ScheduledSeq], commits: dict[str, tuple[list[int], list[int]]],
+                  vocab=None) -> dict[str, list[TokenLogprob]]:
         """The committed tokens' logprobs and top alternatives, for the
         sequences that ask: log-softmax over only their committed rows.
-        logits: (rows + edit rows, vocab), each sequence's in canvas order."""
+        logits: (rows + edit rows, vocab), each sequence's in canvas order;
+        with ``vocab`` (tensor parallel) this rank's vocabulary slice, and
+        only those committed rows are gathered whole."""
         rows, tokens, owners = [], [], []
         i = 0
         for s in seqs:
@@ -216,7 +218,10 @@ class ModelRunner:
         if not rows:
             return {s.req_id: [] for s, _ in owners}
         dev = logits.device
-        lp = torch.log_softmax(logits[torch.tensor(rows, device=dev)].float(), dim=-1)  # (num_committed, vocab)
+        picked = logits[torch.tensor(rows, device=dev)]
+        if vocab is not None:
+            picked = vocab.gather(picked)
+        lp = torch.log_softmax(picked.float(), dim=-1)  # (num_committed, vocab)
         chosen = lp.gather(1, torch.tensor(tokens, device=dev)[:, None]).squeeze(1).tolist()
         k = max(s.num_logprobs for s, _ in owners)
         top_vals, top_ids = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())

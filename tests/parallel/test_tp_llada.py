@@ -31,8 +31,8 @@ VARIANTS = [
     dict(steps=12, gen_length=24, block_length=8, decoding="prefix_cache"),
     dict(steps=12, gen_length=24, block_length=8, decoding="dual_cache", temperature=0.7, seed=9),
 ]
-# Steps that read whole rows (logprobs, likelihood) gather them: kept apart so
-# the batch above runs on the reduced statistics alone.
+# Likelihood steps gather their rows whole (logprobs only their committed
+# rows): kept apart so the batch above runs on the reduced statistics alone.
 LOGPROBS = dict(steps=12, gen_length=24, block_length=8, logprobs=3)
 
 
