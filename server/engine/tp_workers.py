@@ -16,7 +16,9 @@ exit when they see it gone (a parent-pid watch), so they die with it. A
 worker's death is a device fault (``DeviceFault``): found before each
 execute, when a collective fails, and while idle (``check``, which the
 engine calls whenever the loop asks for work), it stops the engine: /health
-503, every in-flight request gets an error, the server exits non-zero.
+503, every in-flight request gets an error, the server exits non-zero. If
+the engine stays stuck in a collective with the dead rank (NCCL may wait
+forever), a watch thread ends the process (exit 1) after 30 s.
 """
 from __future__ import annotations
 
@@ -96,7 +98,23 @@ class Workers:
         parallel, control = _join(0, size, port, device)
         logger.info("tensor parallel: %d ranks (%s), workers %s", size, dist.get_backend(),
                     ", ".join(str(p.pid) for p in procs))
-        return cls(procs, parallel, control, device)
+        workers = cls(procs, parallel, control, device)
+        threading.Thread(target=workers._watch, name="llada-tp-watch", daemon=True).start()
+        return workers
+
+    def _watch(self, grace: float = 30.0) -> None:
+        """The last resort: a collective blocked on a dead peer may never
+        return (NCCL), so the engine never sees the fault; a worker dead for
+        ``grace`` seconds without the engine stopping ends the process (1)."""
+        dead_since = None
+        while not self.closed:
+            time.sleep(1.0)
+            if all(p.is_alive() for p in self.procs):
+                continue
+            dead_since = dead_since or time.monotonic()
+            if time.monotonic() - dead_since > grace and not self.closed:
+                logger.error("a tensor-parallel worker died and the engine is stuck in a collective: exiting")
+                os._exit(1)
 
     def check(self) -> None:
         """Raises DeviceFault if a worker has died."""
