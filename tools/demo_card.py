@@ -16,6 +16,8 @@ TASK_FORMATS = {
     "reverse": ("reverse: apple banana cherry", "cherry banana apple"),
     "sort": ("sort: 5 3 9", "3 5 9"),
     "continue": ("continue: In the beginning God created", "the heaven and the earth."),
+    # reversal of KJV words no training list held (demo_tasks.unseen_reversal_items)
+    "reverse_unseen": ("reverse: sprigs enduring sawest", "sawest enduring sprigs"),
 }
 
 # The playground's example prompts (the card's widget, Hugging Face's format):

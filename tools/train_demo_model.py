@@ -163,14 +163,17 @@ def greedy_decode(model: LLaDAModel, prompts: list[list[int]], mask_id: int, pad
     return canvas[:, width:].tolist()
 
 
-def quick_eval(model: LLaDAModel, data: Data, n: int, vocabulary: set[str]) -> dict[str, dict[str, float]]:
-    """Exact match per task on the first n held-out items (and real-word share for continue)."""
+def quick_eval(model: LLaDAModel, data: Data, n: int, vocabulary: set[str],
+               unseen: list[demo_tasks.Item] | None = None) -> dict[str, dict[str, float]]:
+    """Exact match per task on the first n held-out items (and real-word share
+    for continue); with ``unseen`` (demo_tasks.unseen_reversal_items), also
+    reversal of words no training list held."""
     was_training = model.training
     model.eval()
     eot, eos, mask_id = (data.ids[t] for t in (demo_tokenizer.EOT, demo_tokenizer.EOS, demo_tokenizer.MASK))
     scores = {}
-    for task in demo_tasks.TASKS:
-        items = data.tasks.heldout(task, n)
+    for task in demo_tasks.TASKS + ((demo_tasks.UNSEEN_REVERSE,) if unseen else ()):
+        items = unseen if task == demo_tasks.UNSEEN_REVERSE else data.tasks.heldout(task, n)
         outs = greedy_decode(model, [data.prompt_ids(it.messages()) for it in items], mask_id, eos)
         texts = []
         for out in outs:
@@ -342,7 +345,7 @@ def main() -> None:
                             "py_rng": data.rng.getstate(), "torch_rng": data.gen.get_state(), "train": st})
 
     t1 = time.monotonic()
-    scores = quick_eval(model, data, args.eval_n, vocabulary)
+    scores = quick_eval(model, data, args.eval_n, vocabulary, demo_tasks.unseen_reversal_items(args.eval_n, verses))
     eval_s = time.monotonic() - t1
     for task, s in scores.items():
         print(f"{task:9s} exact {s['accuracy']:.3f} (n={s['n']})" + (f", real words {s['real_words']:.3f}" if "real_words" in s else "")
