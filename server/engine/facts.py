@@ -43,7 +43,7 @@ class ModelFacts:
     tokenizer: "Tokenizer | None" = None  # encode/decode only; never changed after loading
     checkpoint_architecture: str | None = None  # the config.json architecture served (registry's: LLaDA2MoeModelLM)
     model_type: str | None = None  # config.json's model_type (llada, lladamoe, llada2_moe, llada21_moe, Dream)
-    num_parameters: int = 0  # the model's weights, counted
+    num_parameters: int = 0  # the weights this process holds (one rank's shard under tensor parallelism)
     # Example prompts from the checkpoint's model card (its README's widget): [{"title", "prompt"}]
     examples: tuple[Mapping[str, str], ...] = ()
 
