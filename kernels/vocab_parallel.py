@@ -15,9 +15,11 @@ go to the lowest token id (the lowest rank, then the lowest local index),
 as ``torch.argmax`` breaks them. The probabilities are the same up to the
 rounding of a sum taken in another order.
 
+``sampling_scores`` does the same for the families' sampling distribution
+(two small all_gathers), ``target_log_probs`` for likelihood scores.
 ``gather`` is the fallback for what needs the whole distribution (top-k /
-top-p filters, logprobs' top alternatives, likelihood scores): it
-concatenates the slices of only the rows given.
+top-p filters, logprobs' top alternatives): it concatenates the slices of
+only the rows given.
 """
 from __future__ import annotations
 
@@ -147,6 +149,21 @@ class VocabShard:
         cand = torch.cat([g[..., 3], g[..., 4]], dim=0).topk(2, dim=0).values
         return {"x0": chosen[:, 1].to(torch.int64), "prob": chosen[:, 2], "margin": cand[0] - cand[1],
                 "entropy": g[..., 5].sum(dim=0)}
+
+    def target_log_probs(self, logits: torch.Tensor, targets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """log_softmax(whole row)[target] per row, computed in ``dtype``:
+        the log-normaliser from (max, sum of exponentials) of every slice,
+        the target's logit from the rank that holds it. (rows,)"""
+        l = logits.to(dtype)
+        m = l.max(dim=1).values
+        s = (l - m[:, None]).exp().sum(dim=1)
+        mine = (targets >= self.start) & (targets < self.end)
+        local = torch.where(mine, targets - self.start, 0)
+        at = torch.where(mine, l.gather(1, local[:, None]).squeeze(1), torch.zeros_like(m))
+        g = self._all_rows(torch.stack([m, s, at], dim=1).double()).to(dtype)  # (world, rows, 3)
+        big_m = g[..., 0].max(dim=0).values
+        log_total = (g[..., 1] * (g[..., 0] - big_m).exp()).sum(dim=0).log()
+        return (g[..., 2].sum(dim=0) - big_m) - log_total
 
     def _noise(self, seed: torch.Tensor, row_offset: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The Gumbel noise of this rank's tokens, drawn at the counters the

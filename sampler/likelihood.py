@@ -66,15 +66,20 @@ def draw_masks(seed: int, num_targets: int, batch_size: int, sample_ids: list[in
 
 
 def sample_losses(logits: torch.Tensor, targets: torch.Tensor, row_sample: torch.Tensor, p_mask: torch.Tensor,
-                  num_samples: int) -> torch.Tensor:
+                  num_samples: int, vocab=None) -> torch.Tensor:
     """Each sample's weighted loss L = sum of its masked rows' cross-entropy
     / p_mask. logits (num_rows, vocab), targets (num_rows,) int64,
     row_sample (num_rows,) the sample of each row, p_mask (num_rows,)
     float32 (x / T, as the reference rounds it). Returns (num_samples,)
     float64. Cross-entropy in float32 at least (the reference uses the
-    logits' dtype: the same in float32 and float64)."""
+    logits' dtype: the same in float32 and float64). ``vocab``
+    (``kernels.vocab_parallel.VocabShard``): the logits are this
+    tensor-parallel rank's vocabulary slice."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    ce = -torch.log_softmax(logits.to(dtype), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (num_rows,)
+    if vocab is not None:
+        ce = -vocab.target_log_probs(logits, targets, dtype)
+    else:
+        ce = -torch.log_softmax(logits.to(dtype), dim=-1).gather(1, targets[:, None]).squeeze(1)  # (num_rows,)
     weighted = (ce / p_mask.to(ce.device)).to(torch.float64)
     out = torch.zeros(num_samples, dtype=torch.float64, device=logits.device)
     return out.index_add_(0, row_sample, weighted)

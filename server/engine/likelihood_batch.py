@@ -94,9 +94,10 @@ def pack_scores(scores: list[ScheduledScore], mask_id: int) -> ScorePack:
     )
 
 
-def score(pack: ScorePack, logits: torch.Tensor) -> dict[str, list[float]]:
+def score(pack: ScorePack, logits: torch.Tensor, vocab=None) -> dict[str, list[float]]:
     """req_id -> each scored sample's loss L, in schedule order.
-    logits: (len(pack.rows), vocab), in the order of ``pack.rows``."""
+    logits: (len(pack.rows), vocab), in the order of ``pack.rows`` (with
+    ``vocab``, tensor parallel: this rank's vocabulary slice)."""
     dev = logits.device
     cond = logits[:pack.num_cond_rows]
     if pack.guided_rows.numel():
@@ -104,7 +105,7 @@ def score(pack: ScorePack, logits: torch.Tensor) -> dict[str, list[float]]:
         cond = cond.clone()
         cond[idx] = apply_cfg(cond[idx], logits[pack.num_cond_rows:], pack.guided_scale.to(dev, cond.dtype))
     losses = sample_losses(cond, pack.targets.to(dev), pack.row_sample.to(dev), pack.p_mask,
-                           sum(pack.num_samples)).tolist()
+                           sum(pack.num_samples), vocab).tolist()
     out, start = {}, 0
     for req_id, n in zip(pack.req_ids, pack.num_samples):
         out[req_id] = losses[start:start + n]

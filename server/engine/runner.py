@@ -152,10 +152,8 @@ class ModelRunner:
             logits = logits.index_select(0, as_long(real_rows, dev))
         out = RunnerOutput()
         vocab = getattr(self.model, "vocab_shard", None)  # tensor parallel: logits are this rank's vocabulary slice
-        if vocab is not None and pack is not None:
-            logits, vocab = vocab.gather(logits), None  # likelihood scores read whole rows
         if pack is not None:
-            out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):])
+            out.scores = score(pack, logits[len(cond_rows) + len(uncond_rows):], vocab)
             logits = logits[:len(cond_rows) + len(uncond_rows)]
         if not seqs:
             return out

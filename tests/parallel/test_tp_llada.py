@@ -31,8 +31,9 @@ VARIANTS = [
     dict(steps=12, gen_length=24, block_length=8, decoding="prefix_cache"),
     dict(steps=12, gen_length=24, block_length=8, decoding="dual_cache", temperature=0.7, seed=9),
 ]
-# Likelihood steps gather their rows whole (logprobs only their committed
-# rows): kept apart so the batch above runs on the reduced statistics alone.
+# Logprobs gather their committed rows whole, likelihood scores reduce
+# (max, sum, target logit) per row: apart from the batch above, which runs
+# on the unmask statistics alone.
 LOGPROBS = dict(steps=12, gen_length=24, block_length=8, logprobs=3)
 
 
