@@ -27,25 +27,18 @@ class PagedKVCache:
     kv: torch.Tensor  # (2, num_layers, num_kv_heads, num_pages * page_size, head_dim): keys, then values
     page_size: int
 
+    def __post_init__(self) -> None:
+        heads, slots, dim = self.kv.shape[2:]
+        pages = self.kv.view(2, -1, heads, slots // self.page_size, self.page_size, dim).permute(0, 1, 3, 4, 2, 5)
+        # layer -> (num_pages, page_size, num_kv_heads, head_dim) views of its keys / values, made once.
+        self.k: list[torch.Tensor] = list(pages[0].unbind(0))
+        self.v: list[torch.Tensor] = list(pages[1].unbind(0))
+
     @classmethod
     def allocate(cls, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> "PagedKVCache":
         kv = torch.zeros((2, num_layers, num_kv_heads, num_pages * page_size, head_dim), dtype=dtype, device=device)
         return cls(kv, page_size)
-
-    def _pages(self, which: int, layer: int) -> torch.Tensor:
-        heads, slots, dim = self.kv.shape[2:]
-        return self.kv[which, layer].view(heads, slots // self.page_size, self.page_size, dim).permute(1, 2, 0, 3)
-
-    @property
-    def k(self) -> list[torch.Tensor]:
-        """layer -> (num_pages, page_size, num_kv_heads, head_dim) view of its keys."""
-        return [self._pages(0, layer) for layer in range(self.kv.shape[1])]
-
-    @property
-    def v(self) -> list[torch.Tensor]:
-        """layer -> (num_pages, page_size, num_kv_heads, head_dim) view of its values."""
-        return [self._pages(1, layer) for layer in range(self.kv.shape[1])]
 
 
 @dataclass
