@@ -19,7 +19,7 @@ def test_every_part_dry_runs_on_cpu(tmp_path):
     env = dict(os.environ, OUT=str(out), PYTHONPATH=str(REPO), LLADA_8B_DIR=str(tmp_path / "ckpt"))
     order = ["no_such_part", *parts]  # a missing part first: the real ones still run
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--small", "--parts", ",".join(order)], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout[-3000:]
     merged = json.loads((out / "gpu_check.json").read_text())
     assert list(merged["parts"]) == order
@@ -29,11 +29,25 @@ def test_every_part_dry_runs_on_cpu(tmp_path):
         assert rec["ok"] and rec["small"] and rec["summary"], (name, rec)
     # The decode part's issue-20 ratio: a dual_cache use step against its share of an exact step.
     shares = merged["parts"]["decode"]["shares"]
-    assert [s["concurrency"] for s in shares] == [1, 4]
+    # one row per graphs setting (off, then on: the padded bucketed step) and concurrency
+    assert [(s["graphs"], s["concurrency"]) for s in shares] == [("off", 1), ("off", 4), ("on", 1), ("on", 4)]
     assert all(0 < s["flop_share"] < 1 and s["x_flop_share"] > 0 for s in shares)
     summary = (out / "summary.txt").read_text()
     assert summary.rstrip().endswith("FAILED: no_such_part") and all(name in summary for name in parts)
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "summary.txt"]
+
+
+def test_part_limits_fit_the_eight_minute_run():
+    """Issue 14 item 7: one run under 8 minutes. The parts' hard limits sum to
+    at most the default budget, and the budget leaves the start-up under 480 s."""
+    import re
+
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    block = script[script.index("PARTS=("):]
+    block = block[:block.index(")")]
+    limits = [int(n) for n in re.findall(r'"\w+ (\d+)"', block)]
+    budget = int(re.search(r"GPU_CHECK_BUDGET:-(\d+)", script).group(1))
+    assert len(limits) >= 6 and sum(limits) <= budget <= 470
 
 
 def test_decode_floor_counts_the_real_model():
