@@ -71,7 +71,8 @@ def run_job(job: dict[str, Any], parallel: Parallel | None) -> Any:
         shard = VocabShard(parallel.rank, parallel.size, logits.shape[1])
         mine = logits[:, shard.start:shard.end]
         return shard.unmask_scores(mine, *args, **kwargs), shard.sampling_scores(mine, *args)
-    engine = LLMEngine(ModelConfig(model=job["path"], dtype=job["dtype"], device="cpu"),
+    engine = LLMEngine(ModelConfig(model=job["path"], dtype=job["dtype"], device="cpu",
+                                   enforce_eager=job.get("enforce_eager", True)),
                        SchedulerConfig(max_num_seqs=64, kv_cache_tokens=job.get("kv_cache_tokens", 4096)),
                        parallel=parallel)
     out: dict[str, Any] = {}

@@ -52,6 +52,9 @@ def llada_jobs(tmp: Path) -> list[dict]:
                          requests=golden_requests + [(PROMPT, v) for v in VARIANTS]))
         jobs.append(dict(kind="generate", path=str(g), dtype=dtype, requests=[(PROMPT, LOGPROBS)],
                          likelihood=[(PROMPT[:6], PROMPT[6:], dict(mc_num=4, seed=1))]))
+    # Cache use steps padded to batch-size buckets: every rank pads alike.
+    jobs.append(dict(kind="generate", path=str(g), dtype="float64", enforce_eager=False,
+                     requests=[(PROMPT, v) for v in VARIANTS if v.get("decoding")] * 3))
     jobs.append(dict(kind="logits", path=str(small), dtype="float64",
                      input_ids=torch.tensor([SMALL_PROMPT * 2, SMALL_PROMPT[::-1] * 2])))
     jobs.append(dict(kind="generate", path=str(small), dtype="float64",
