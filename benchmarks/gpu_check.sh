@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-shot GPU acceptance (issue 14 item 7): one run, under 8.5 minutes on one
+# One-shot GPU acceptance (issue 14 item 7): one run, under 8 minutes on one
 # H100/H200, of independent parts; each part runs even if an earlier one
 # failed, and a summary table is printed last.
 #
