@@ -188,7 +188,8 @@ class Request:
 
     def masked_positions(self) -> list[int]:
         b0, b1 = self.block_range
-        return [i for i in range(b0, b1) if self.canvas[i] == self.mask_id]
+        mask = self.mask_id
+        return [i for i, t in enumerate(self.canvas[b0:b1], b0) if t == mask]
 
     def commit(self, positions: list[int], tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
         """Writes committed tokens (and their logprobs, when asked), advances

@@ -105,7 +105,8 @@ class ModelRunner:
             ids += s.canvas[p.start:p.end]
             positions.append(np.arange(p.start, p.end))
             cu_seqlens.append(start + p.end - p.start)
-            cond_rows += [start + r - p.start for r in sorted(s.rows + s.edit_rows)]
+            off = start - p.start
+            cond_rows += [off + r for r in (sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows)]
         num_pad = 0
         if width is not None:  # padding sequences: blocks of masks that attend only to themselves
             num_pad = bucket_for(len(seqs), self.bucket_sizes) - len(seqs)
@@ -184,12 +185,20 @@ class ModelRunner:
         x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
 
         i = 0
+        pick = itertools.compress
         for s in seqs:
-            picked = [(p, x0[i + j], prob[i + j]) for j, p in enumerate(s.rows) if commit[i + j]]
-            picked = sorted(picked + edits.get(s.req_id, []))
-            out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
-            out.confidences[s.req_id] = [c for _, _, c in picked]
-            i += len(s.rows)
+            n = len(s.rows)
+            mine = commit[i:i + n]
+            edited = edits.get(s.req_id)
+            if edited is None:  # rows ascend (the block's masked positions): already in canvas order
+                out.commits[s.req_id] = (list(pick(s.rows, mine)), list(pick(x0[i:i + n], mine)))
+                out.confidences[s.req_id] = list(pick(prob[i:i + n], mine))
+            else:
+                picked = sorted([*zip(pick(s.rows, mine), pick(x0[i:i + n], mine), pick(prob[i:i + n], mine)),
+                                 *edited])
+                out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
+                out.confidences[s.req_id] = [c for _, _, c in picked]
+            i += n
         if any(s.num_logprobs is not None for s in seqs):
             out.logprobs = self._logprobs(row_logits, seqs, out.commits, vocab)
         return out
@@ -281,8 +290,9 @@ class ModelRunner:
         page_size = self.kv_cache.page_size
         num_packed = len(cu_seqlens) - 1  # unconditional canvases (cfg) follow seqs and use no cache
         max_pages = max(len(s.pages) for s in seqs) or 1
-        table = [s.pages + [0] * (max_pages - len(s.pages)) for s in seqs]
-        table += [[0] * max_pages] * (num_packed - len(seqs))
+        table = np.zeros((num_packed, max_pages), dtype=np.int32)  # padding and cfg rows: page 0, never read
+        for i, s in enumerate(seqs):
+            table[i, :len(s.pages)] = s.pages
         cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
         dev = self.device
         slots = None  # a step of use steps only stores nothing
@@ -294,7 +304,7 @@ class ModelRunner:
                     slots[start - p.start + np.asarray(p.stored)] = \
                         np.asarray(s.pages)[j // page_size] * page_size + j % page_size
             slots = torch.from_numpy(slots).to(dev)
-        return CacheView(self.kv_cache, torch.tensor(table, dtype=torch.int32, device=dev), cached, slots)
+        return CacheView(self.kv_cache, torch.from_numpy(table).to(dev), cached, slots)
 
     def _guide(self, cond: torch.Tensor, uncond: torch.Tensor, seqs) -> torch.Tensor:
         """Replaces the rows of guided sequences by their cfg combination.
