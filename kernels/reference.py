@@ -231,11 +231,15 @@ def select_commits(
         return torch.zeros(0, dtype=torch.bool, device=confidence.device)
     # Group rows by sequence, most confident first, stable so ties keep row order.
     order = torch.sort(confidence, descending=True, stable=True).indices
-    order = order[torch.sort(row_seq[order], stable=True).indices]
-    seq_sorted = row_seq[order]
-    counts = torch.bincount(row_seq, minlength=quota.shape[0])
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(num_rows, device=confidence.device) - starts[seq_sorted]
+    if quota.shape[0] == 1:  # one sequence: already grouped (fewer ops: host time at batch 1)
+        seq_sorted = torch.zeros(num_rows, dtype=torch.int64, device=confidence.device)
+        rank = torch.arange(num_rows, device=confidence.device)
+    else:
+        order = order[torch.sort(row_seq[order], stable=True).indices]
+        seq_sorted = row_seq[order]
+        counts = torch.bincount(row_seq, minlength=quota.shape[0])
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(num_rows, device=confidence.device) - starts[seq_sorted]
     take = rank < quota[seq_sorted]
     if threshold is not None:
         by_threshold = threshold[seq_sorted] > 0

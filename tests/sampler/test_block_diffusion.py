@@ -66,3 +66,24 @@ def test_confidence_rules_match_reference(golden_dir, remasking):
     x = generate(llm.engine.model.forward_dense, torch.tensor([prompt]), None, steps=8, gen_length=16,
                  block_length=8, remasking=remasking, mask_id=310)
     assert llm.generate([prompt], params)[0].token_ids == x[0, len(prompt):].tolist()
+
+
+def test_select_commits_one_sequence_matches_grouped_path():
+    """The one-sequence shortcut of select_commits (no regrouping) commits
+    what the grouped path does, ties, -inf rows and both rules included
+    (a second, empty sequence forces the grouped path)."""
+    from kernels.reference import select_commits
+    g = torch.Generator().manual_seed(1)
+    for t in range(300):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        conf = torch.randint(0, 5, (n,), generator=g).float() / 4  # many ties
+        if t % 3 == 0:
+            conf[torch.rand(n, generator=g) < 0.2] = float("-inf")
+        q = int(torch.randint(0, n + 2, (1,), generator=g))
+        tau = [0.0, 0.5, 0.9][t % 3]
+        row_seq = torch.zeros(n, dtype=torch.int64)
+        one = select_commits(conf, row_seq, torch.tensor([q]), torch.tensor([tau]))
+        grouped = select_commits(conf, row_seq, torch.tensor([q, 0]), torch.tensor([tau, 0.0]))
+        assert torch.equal(one, grouped), (conf, q, tau)
+        if t % 3:  # no -inf rows: the count each rule gives
+            assert int(one.sum()) == (min(q, n) if tau == 0 else max(1, int((conf >= tau).sum())))
