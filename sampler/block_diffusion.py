@@ -96,8 +96,7 @@ class StepRows:
                                       device)
 
         # Settings go over as one value per sequence, spread to rows on the device.
-        row_seq = torch.repeat_interleave(torch.arange(len(counts), device=device),
-                                          torch.tensor(counts, device=device), output_size=sum(counts))
+        row_seq = torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64), counts)).to(device)
 
         # One tensor per dtype, spread by one index each (host time per step: a tensor costs microseconds).
         floats = torch.tensor([temperatures, top_ps or [1.0] * len(counts)], dtype=torch.float32,
@@ -105,6 +104,11 @@ class StepRows:
         ints = torch.tensor([seeds, random_seeds, top_ks or [0] * len(counts)], dtype=torch.int64,
                             device=device)[:, row_seq]  # (3, num_rows)
 
+        rules = torch.tensor([[t if REMASKING[r].rule == "threshold" else 0.0
+                               for t, r in zip(thresholds or [0.0] * len(counts), remasking)],
+                              [f if REMASKING[r].rule == "factor" else 0.0
+                               for f, r in zip(factors or [0.0] * len(counts), remasking)]],
+                             dtype=torch.float32, device=device)  # (2, num_seqs): threshold, factor
         offsets = list(itertools.chain.from_iterable(row_offsets))
         return cls(
             row_seq=row_seq,
@@ -115,12 +119,8 @@ class StepRows:
             top_k=ints[2],
             top_p=floats[1],
             quota=torch.tensor(quotas, dtype=torch.int64, device=device),
-            threshold=torch.tensor([t if REMASKING[r].rule == "threshold" else 0.0
-                                    for t, r in zip(thresholds or [0.0] * len(counts), remasking)],
-                                   dtype=torch.float32, device=device),
-            factor=torch.tensor([f if REMASKING[r].rule == "factor" else 0.0
-                                 for f, r in zip(factors or [0.0] * len(counts), remasking)],
-                                dtype=torch.float32, device=device),
+            threshold=rules[0],
+            factor=rules[1],
             remasking=remasking,
             any_filter=any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
                            for t, k, p in zip(temperatures, top_ks or [0] * len(counts),
