@@ -8,6 +8,7 @@ served."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from dataclasses import asdict
 
 import openai
@@ -29,7 +30,8 @@ def served(request, tmp_path_factory):
     name = request.param
     ck = write_family_checkpoint(name, tmp_path_factory.mktemp("served") / name, template_file=name == "dream")
     _, _, server_config = build_configs(build_parser().parse_args(["serve", "--model", str(ck.path)]))
-    srv = start_server(ck.path, server_config)
+    # served as the tests name it (the command line would name it by its path)
+    srv = start_server(ck.path, replace(server_config, served_model_name=MODEL_NAME))
     offline = LLM(str(ck.path), dtype="float32", device="cpu")
     yield name, ck, srv, offline, openai.OpenAI(base_url=srv.url + "/v1", api_key="unused")
     srv.stop()
