@@ -8,8 +8,7 @@ served."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import openai
 import pytest
