@@ -4,7 +4,7 @@ unit-tested without a server."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from server.engine.messages import RequestOutput
 
@@ -26,6 +26,10 @@ class Choice:
     block: int = 0  # index of the block the last step worked on
     logprobs: list | None = None  # TokenLogprob per token of token_ids when asked, else None
     num_logprobs_sent: int = 0  # tokens whose logprobs a stream has sent
+    # Decoding state of the stream's logprobs (server.api.logprobs.PrefixText),
+    # so each chunk decodes a bounded window, not the whole answer.
+    offset_text: Any = None
+    ready_text: Any = None
 
     def update(self, out: RequestOutput, decode: Decode) -> None:
         """Takes an engine output: its final prefix (and its logprobs when

@@ -10,6 +10,8 @@ choice's tokens, so a stream sends each token's logprobs with its text.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from server.api.choices import Choice, Decode
 
 # JSON has no -Infinity; a token the model rules out gets this floor instead
@@ -17,20 +19,73 @@ from server.api.choices import Choice, Decode
 LOGPROB_FLOOR = -9999.0
 
 
+# Tokens decoded ahead of a window: a decoder may treat the first token it
+# sees differently (e.g. strip its leading space), so text past the anchor is
+# the difference of two decodes that start at the same context.
+_NUM_CONTEXT_TOKENS = 4
+
+
 def _finite(x: float) -> float:
     return x if x > LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def completion_logprobs(tok, decode: Decode, c: Choice, start: int, end: int) -> dict:
+@dataclass
+class PrefixText:
+    """The text of a growing token list's prefixes, decoded a bounded window
+    at a time instead of from the start (which is quadratic over an answer).
+    The anchor is a prefix whose text ends in a whole character, so text past
+    it cannot change what came before; ``tail`` decodes only from a few
+    tokens before it. The list may grow between calls (a choice's final
+    prefix only grows) or be cut, not changed before the anchor.
+    ``tests/api/test_prefix_text.py`` checks it against decoding every
+    prefix."""
+    num_tokens: int = 0  # tokens in the anchor prefix
+    num_chars: int = 0  # len(decode(ids[:num_tokens]))
+    context_ids: list[int] = field(default_factory=list)  # the last few of those tokens
+    context_text: str = ""  # decode(context_ids)
+
+    def tail(self, decode: Decode, ids: list[int], i: int) -> str:
+        """The text of ids[:i] past the anchor's (i >= the anchor)."""
+        a = self.num_tokens
+        if a > i or ids[a - len(self.context_ids):a] != self.context_ids:  # not this list's prefix: start over
+            self.__init__()
+            a = 0
+        text = decode(self.context_ids + ids[a:i])
+        if text.startswith(self.context_text):
+            return text[len(self.context_text):]
+        return decode(ids[:i])[self.num_chars:]  # a decoder the window does not fit
+
+    def advance(self, decode: Decode, ids: list[int], i: int, tail: str) -> None:
+        """Moves the anchor to ids[:i] (``tail`` its text past the anchor)
+        when that text ends in a whole character."""
+        if i <= self.num_tokens or tail.endswith("\ufffd") or not tail:
+            return
+        self.num_tokens, self.num_chars = i, self.num_chars + len(tail)
+        self.context_ids = ids[max(0, i - _NUM_CONTEXT_TOKENS):i]
+        self.context_text = decode(self.context_ids)
+
+    def lengths(self, decode: Decode, ids: list[int], start: int, end: int) -> list[int]:
+        """len(decode(ids[:i])) for i in [start, end)."""
+        out = []
+        for i in range(start, end):
+            tail = self.tail(decode, ids, i)
+            out.append(self.num_chars + len(tail))
+            self.advance(decode, ids, i, tail)
+        return out
+
+
+def completion_logprobs(tok, decode: Decode, c: Choice, start: int, end: int,
+                        offsets: PrefixText | None = None) -> dict:
     """The legacy object for tokens [start, end) of a choice; ``text_offset``
-    is each token's start in the choice's text."""
+    is each token's start in the choice's text (``offsets`` carries the
+    decoding done for earlier ranges)."""
     ids, lps = c.token_ids[start:end], c.logprobs[start:end]
     pieces = tok.token_pieces(ids)
     alt_ids = [t for lp in lps for t, _ in lp.top]
     alt_pieces = iter(tok.token_pieces(alt_ids))
     top = [{next(alt_pieces): _finite(v) for _, v in lp.top} for lp in lps]
     return {"tokens": pieces, "token_logprobs": [_finite(lp.logprob) for lp in lps], "top_logprobs": top,
-            "text_offset": [len(decode(c.token_ids[:i])) for i in range(start, end)]}
+            "text_offset": (offsets or PrefixText()).lengths(decode, c.token_ids, start, end)}
 
 
 def chat_logprobs(tok, c: Choice, start: int, end: int) -> dict:
@@ -57,11 +112,15 @@ def ready_tokens(c: Choice, decode: Decode, final: bool) -> int:
         return len(c.token_ids)
     sent = c.text[:c.sent]
     n = c.num_logprobs_sent
+    # The anchor only passes tokens found ready, so its text is streamed
+    # text: sent[:anchor.num_chars].
+    anchor = c.ready_text if c.ready_text is not None else PrefixText()
     while n < len(c.token_ids):
-        text = decode(c.token_ids[:n + 1])
-        if len(text) > len(sent) or not sent.startswith(text):
+        tail = anchor.tail(decode, c.token_ids, n + 1)
+        if anchor.num_chars + len(tail) > len(sent) or not sent.startswith(tail, anchor.num_chars):
             break
         n += 1
+        anchor.advance(decode, c.token_ids, n, tail)
     return n
 
 
@@ -70,11 +129,13 @@ def logprobs_delta(kind: str, tok, decode: Decode, c: Choice, final: bool) -> di
     (None when the choice did not ask)."""
     if c.logprobs is None:
         return None
+    if c.ready_text is None:
+        c.ready_text, c.offset_text = PrefixText(), PrefixText()
     start, end = c.num_logprobs_sent, ready_tokens(c, decode, final)
     c.num_logprobs_sent = max(start, end)
     if kind == "chat":
         return chat_logprobs(tok, c, start, end)
-    return completion_logprobs(tok, decode, c, start, end)
+    return completion_logprobs(tok, decode, c, start, end, c.offset_text)
 
 
 def final_logprobs(kind: str, tok, decode: Decode, c: Choice) -> dict | None:
