@@ -131,7 +131,7 @@ class OpenAIServing:
             # A default number of steps still gives every block one.
             fields["steps"] = max(steps, -(-gen_length // max(fields.get("block_length", 32), 1)))
         name = self.max_tokens_field(req)
-        if req.logprobs and self.facts.tokenizer is None:
+        if req.logprobs is not None and req.logprobs is not False and self.facts.tokenizer is None:  # 0 asks too
             raise APIError.bad_request("logprobs: this model has no tokenizer to spell the tokens", "logprobs")
         if not isinstance(gen_length, int) or gen_length < 1:
             raise APIError.bad_request(f"{name}: must be a positive integer, got {gen_length!r}", name)

@@ -140,3 +140,24 @@ def test_bad_logprobs_are_refused_naming_the_field(live, route, body, param, wor
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and words in err["message"], err
+
+
+@pytest.mark.parametrize("logprobs", [0, 2])
+def test_logprobs_without_a_tokenizer_is_a_400_naming_the_field(tmp_path, logprobs):
+    """A checkpoint with no tokenizer cannot spell tokens: completions'
+    logprobs (0 included, which still asks for the chosen token's) is a 400,
+    not a 500 from spelling them later."""
+    from tests.api.conftest import start_server
+    from tests.conftest import make_random_checkpoint
+
+    srv = start_server(make_random_checkpoint(tmp_path / "ckpt"))
+    try:
+        r = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": [1, 2, 3], "max_tokens": 4,
+                                                         "logprobs": logprobs}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "logprobs"
+        plain = httpx.post(srv.url + "/v1/completions", json={"model": MODEL_NAME, "prompt": [1, 2, 3],
+                                                             "max_tokens": 4}, timeout=60)
+        assert plain.status_code == 200, plain.text  # the same request without logprobs is served
+    finally:
+        srv.stop()
