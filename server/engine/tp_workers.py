@@ -71,6 +71,20 @@ def agree_kv(config: SchedulerConfig, control: dist.ProcessGroup) -> SchedulerCo
     return replace(config, kv_cache_tokens=int(tokens.item()))
 
 
+def _watch_join(procs: list[Any], joined: threading.Event, exit=os._exit, poll: float = 0.5) -> None:
+    """While rank 0 waits in init_process_group for its workers, a worker
+    that dies first (a bad device, an import error) would leave it waiting
+    for the store's timeout (30 minutes) with /health saying loading: exit
+    (1) at once instead, as a model that fails to load does."""
+    while not joined.wait(poll):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            logger.error("tensor-parallel worker %s died (exit code %s) before joining: exiting",
+                         dead[0].name, dead[0].exitcode)
+            exit(1)
+            return
+
+
 class Workers:
     """Ranks 1..N-1, seen from rank 0."""
 
@@ -95,7 +109,10 @@ class Workers:
                  for rank in range(1, size)]
         for p in procs:
             p.start()
+        joined = threading.Event()
+        threading.Thread(target=_watch_join, args=(procs, joined), name="llada-tp-join", daemon=True).start()
         parallel, control = _join(0, size, port, device)
+        joined.set()
         logger.info("tensor parallel: %d ranks (%s), workers %s", size, dist.get_backend(),
                     ", ".join(str(p.pid) for p in procs))
         workers = cls(procs, parallel, control, device)
@@ -160,9 +177,12 @@ class ParallelRunner:
         try:
             self.workers.broadcast(sched)
             return self.runner.execute(sched)
-        except Exception:
+        except Exception as e:
             self.workers.check()  # a collective failed because a worker died: that is the fault
-            raise
+            # Any other error may have struck this rank alone (an out-of-memory on one GPU), leaving
+            # the others inside a collective this rank never joins: no retry can be kept in step,
+            # so at more than one rank every failed step is the device's.
+            raise DeviceFault(f"tensor-parallel step failed on rank 0: {type(e).__name__}: {e}") from e
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -175,7 +195,6 @@ def _watch_parent(parent_pid: int) -> None:
 
 def _worker_main(rank: int, size: int, port: int, model_config: ModelConfig, scheduler_config: SchedulerConfig,
                  parent_pid: int) -> None:
-    from server.engine.faults import is_device_error
     from server.engine.kv_sizing import device_memory, size_kv_cache
     from server.engine.buckets import batch_buckets
     from server.engine.runner import ModelRunner
@@ -199,9 +218,7 @@ def _worker_main(rank: int, size: int, port: int, model_config: ModelConfig, sch
         dist.broadcast_object_list(box, src=0, group=control)
         if box[0] is None:
             break
-        try:
-            runner.execute(box[0])
-        except Exception as e:  # rank 0 meets the same error in the same place and decides what it means
-            if is_device_error(e):
-                raise
+        # Any error ends this worker: it may be this rank's alone (an out-of-memory on one GPU), and
+        # rank 0, blocked in a collective this rank left, learns of it only from the worker's death.
+        runner.execute(box[0])
     dist.destroy_process_group()
