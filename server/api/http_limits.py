@@ -219,6 +219,13 @@ class LimitedHttpProtocol(HttpToolsProtocol):
 
     def _on_body_timeout(self) -> None:
         self._body_timer = None
+        if self.cycle is not None and self.cycle.response_complete:
+            # Answered before its body arrived (a 413 by Content-Length, a 401): the client has its
+            # answer, and a second one would be unasked for; the rest of the body is not read.
+            self._refused = True
+            self._cancel_timers()
+            self.transport.close()
+            return
         self._refuse(408, "Request Timeout",
                      f"the request's body did not arrive within {self.limits.body_timeout:g} s", "request_timeout")
 

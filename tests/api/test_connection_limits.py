@@ -213,3 +213,18 @@ def test_shutdown_answers_a_request_still_arriving_and_cuts_an_unread_response()
             task.cancel()
         loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.close()
+
+
+def test_an_early_answer_is_the_only_answer_to_a_body_still_arriving(limited):
+    """A body refused by its Content-Length (413) before it arrives: the
+    client gets the 413 alone, and at the body timeout the connection closes
+    without a second, unasked-for 408."""
+    big = 2 << 20  # over the default 1 MiB body limit
+    with connect(limited) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % big + b"{" * 1000)
+        started = time.monotonic()
+        raw = read_all(sock)
+    assert raw.count(b"HTTP/1.1 ") == 1, raw[:400]
+    assert status_and_body(raw)[0] == 413
+    assert time.monotonic() - started < TIMEOUT + 3  # closed at the body timeout, not kept open
