@@ -19,7 +19,6 @@ a smoke test, not a measurement.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import copy_bandwidth, time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import copy_bandwidth, kernel_bench_args, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 PAGE_SIZE = 64
 PEAKS = {  # name fragment -> (memory bytes/s, dense bf16 FLOP/s), from the vendors' sheets
@@ -119,12 +118,7 @@ def run_case(name, device, dtype, batch, q_len, cache_len, heads, head_dim, peak
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = kernel_bench_args(__doc__)
     device = torch.device(args.device)
     quick = args.quick or device.type == "cpu"
     if device.type == "cpu":

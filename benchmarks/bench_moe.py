@@ -20,7 +20,6 @@ interpreter is no speed figure.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_attention import device_peaks  # noqa: E402  (benchmarks/bench_attention.py)
-from timing import time_fn  # noqa: E402  (benchmarks/timing.py)
+from timing import kernel_bench_args, time_fn  # noqa: E402  (benchmarks/timing.py)
 
 # LLaDA2.0-mini's MoE layers (config.json on the hub; LLaDA2.1-mini has the same).
 MINI = dict(hidden=2048, inter=512, num_experts=256, top_k=8)
@@ -127,12 +126,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
-    ap.add_argument("--iters", type=int, default=20)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = kernel_bench_args(__doc__)
     device = torch.device(args.device)
     is_cuda = device.type == "cuda"
     if args.quick:

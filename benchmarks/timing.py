@@ -1,11 +1,23 @@
-"""Timing helpers shared by the kernel benchmarks: the median time of a call
-(CUDA events after an L2 flush on GPU) and the device's copy bandwidth."""
+"""Timing helpers shared by the kernel benchmarks: their common flags, the
+median time of a call (CUDA events after an L2 flush on GPU) and the
+device's copy bandwidth."""
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
+
+
+def kernel_bench_args(doc: str) -> argparse.Namespace:
+    """The flags every kernel benchmark takes: --device, --quick, --iters, --json."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke run")
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--json", default=None)
+    return ap.parse_args()
 
 
 def time_fn(fn, device: torch.device, iters: int = 20, warmup: int = 3) -> float:

@@ -61,14 +61,8 @@ def start_server(ckpt: Path, server_config: ServerConfig | None = None,
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     live = LiveServer(f"http://127.0.0.1:{port}", state, engine, server, thread)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(live.url + "/health").status_code == 200:
-                return live
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    if wait_for(lambda: is_healthy(live.url), 60):
+        return live
     live.stop()
     raise RuntimeError("server did not become healthy")
 
@@ -83,6 +77,14 @@ def live(text_ckpt):
     srv = start_server(text_ckpt, ServerConfig(default_max_tokens=16, default_block_length=8))
     yield srv
     srv.stop()
+
+
+def is_healthy(url: str) -> bool:
+    """/health answers 200 (a server not yet listening is not healthy)."""
+    try:
+        return httpx.get(url + "/health").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(predicate, timeout: float = 10.0) -> bool:

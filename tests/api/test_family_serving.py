@@ -16,7 +16,7 @@ import pytest
 from server.__main__ import build_parser
 from server.api.launch import build_configs
 from server.engine.llm import LLM
-from tests.api.conftest import MODEL_NAME, start_server
+from tests.api.conftest import MODEL_NAME, is_healthy, start_server, wait_for
 from tests.family_checkpoints import FAMILIES, stop_case, write_family_checkpoint
 
 pytestmark = pytest.mark.golden
@@ -117,9 +117,6 @@ def test_llada_serve_command_serves_a_local_directory(tmp_path):
     import subprocess
     import sys
 
-    import httpx
-
-    from tests.api.conftest import wait_for
     from tests.conftest import REPO
 
     ck = write_family_checkpoint("dream", tmp_path / "dream", template_file=True)
@@ -132,14 +129,8 @@ def test_llada_serve_command_serves_a_local_directory(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
-    def healthy() -> bool:
-        try:
-            return httpx.get(url + "/health").status_code == 200
-        except httpx.TransportError:
-            return False
-
     try:
-        assert wait_for(healthy, 90), "server did not start"
+        assert wait_for(lambda: is_healthy(url), 90), "server did not start"
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
         card = client.models.retrieve(str(ck.path)).to_dict()
         assert (card["architecture"], card["decoding"]["schedule"]) == ("DreamModel", "dream")

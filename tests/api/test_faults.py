@@ -15,7 +15,7 @@ import time
 import httpx
 
 from server.config import SchedulerConfig, ServerConfig
-from tests.api.conftest import start_server, wait_for
+from tests.api.conftest import is_healthy, start_server, wait_for
 from tests.conftest import REPO
 
 LONG = {"prompt": [5, 6, 7], "max_tokens": 192, "steps": 192, "block_length": 32, "stream": True}
@@ -170,7 +170,7 @@ def test_sigterm_under_load_drains_then_exits_zero(text_ckpt):
                             env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        assert wait_for(lambda: is_healthy(url), 90), "server did not start"
         async def in_flight():
             async with httpx.AsyncClient(timeout=60) as client:
                 async def plain(i):
@@ -210,13 +210,6 @@ def test_sigterm_under_load_drains_then_exits_zero(text_ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_model_that_fails_to_load_exits_nonzero(tmp_path):
@@ -306,7 +299,7 @@ def test_a_device_fault_exits_nonzero(text_ckpt):
                              "--log-level", "warning"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        assert wait_for(lambda: is_healthy(url), 90), "server did not start"
         r = httpx.post(url + "/v1/completions", json={"prompt": [13, 6], "max_tokens": 8, "block_length": 8},
                        timeout=60)
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"

@@ -107,3 +107,17 @@ def run_parallel(jobs: list[dict[str, Any]], world: int = 2) -> list[list[Any]]:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_worker, args=(world, free_port(), jobs, tmp), nprocs=world, join=True)
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+def assert_logits_equal(results: tuple) -> None:
+    """Every logits job's TP result equals one process's (dense and ragged):
+    within 1e-10 relative in float64, 2e-5 in float32."""
+    jobs, tp, single = results
+    for job, got, want in zip(jobs, tp[0], single):
+        if job["kind"] != "logits":
+            continue
+        tol = 1e-10 if job["dtype"] == "float64" else 2e-5
+        for key in ("dense", "ragged"):
+            assert got[key].shape == want[key].shape
+            err = (got[key] - want[key]).abs().max().item() / want[key].abs().max().item()
+            assert err < tol, (job["path"], job["dtype"], key, err)

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import golden_cases, golden_path, golden_rows
+from tests.parallel.harness import assert_logits_equal
 
 pytestmark = pytest.mark.golden
 
@@ -104,15 +105,7 @@ def test_ranks_agree(results):
 
 
 def test_logits_equal_tp1(results):
-    jobs, tp, single = results
-    for job, got, want in zip(jobs, tp[0], single):
-        if job["kind"] != "logits":
-            continue
-        tol = 1e-10 if job["dtype"] == "float64" else 2e-5
-        for key in ("dense", "ragged"):
-            assert got[key].shape == want[key].shape
-            err = (got[key] - want[key]).abs().max().item() / want[key].abs().max().item()
-            assert err < tol, (job["path"], job["dtype"], key, err)
+    assert_logits_equal(results)
 
 
 def test_generation_equals_tp1_and_golden(results):

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import golden_path, golden_rows, make_random_checkpoint
+from tests.parallel.harness import assert_logits_equal
 
 PROMPT = [204, 68, 268, 43, 100, 190, 179, 266, 147, 12, 244, 58]
 SMALL_PROMPT = [5, 9, 17, 3, 22, 40, 11]
@@ -93,15 +94,7 @@ def test_ranks_agree(results):
 
 
 def test_logits_equal_tp1(results):
-    jobs, tp, single = results
-    for job, got, want in zip(jobs, tp[0], single):
-        if job["kind"] != "logits":
-            continue
-        tol = 1e-10 if job["dtype"] == "float64" else 2e-5
-        for key in ("dense", "ragged"):
-            assert got[key].shape == want[key].shape
-            err = (got[key] - want[key]).abs().max().item() / want[key].abs().max().item()
-            assert err < tol, (job["path"], job["dtype"], key, err)
+    assert_logits_equal(results)
 
 
 def test_generation_equals_tp1(results):

@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from server.engine.llm import LLM
-from tests.api.conftest import wait_for
+from tests.api.conftest import is_healthy, wait_for
 from tests.conftest import REPO, make_text_checkpoint
 from tests.parallel.harness import free_port
 
@@ -60,7 +60,7 @@ def test_server_at_tp2_equals_one_process_and_dies_with_its_worker(ckpt):
                              "--log-level", "warning"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert wait_for(lambda: _healthy(url), 120), "server did not start"
+        assert wait_for(lambda: is_healthy(url), 120), "server did not start"
         workers = spawned_workers(proc.pid)
         assert len(workers) == 1
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
@@ -97,13 +97,6 @@ def test_server_at_tp2_equals_one_process_and_dies_with_its_worker(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health").status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def test_tensor_parallel_size_is_validated():
