@@ -4,13 +4,20 @@ before it and bills the fewest tokens covering that text; while running it
 reports only text no stop string can take back."""
 from __future__ import annotations
 
+import random
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
 from sampler.params import DiffusionParams
 from server.engine.llm import LLM
 from server.engine.messages import RequestOutput
 from server.engine.stop_strings import StopStringState, covering_tokens, find_stop, settled_length
+from server.tokenizer import Tokenizer
 from tests.conftest import make_text_checkpoint
+
+DEMO = Path(__file__).resolve().parents[2] / "server" / "assets" / "llada-demo"
 
 # A toy tokenizer: token i is the i-th piece; 9 is half of a two-byte character.
 PIECES = ["Hel", "lo", ",", " wor", "ld", "!", " STOP", " more", "\u00e9", "\ufffd"]
@@ -86,3 +93,53 @@ def test_a_stop_string_never_found_changes_nothing(llm):
     with_stop = llm.generate([[5, 6]], DiffusionParams(**{**vars(params), "stop": ("\u2603",)}))[0]
     assert (with_stop.text, with_stop.token_ids, with_stop.finish_reason) == \
         (plain.text, plain.token_ids, plain.finish_reason)
+
+
+def whole_decode_check(stops: tuple[str, ...], out: RequestOutput, decode, settled: str) -> tuple[RequestOutput, str]:
+    """The straightforward twin of StopStringState.check: decode the whole
+    final prefix and search all of it, every time."""
+    if not out.new_token_ids and not out.finished:
+        return replace(out, text=settled), settled
+    text = decode(out.token_ids)
+    cut = find_stop(text, stops)
+    if cut is None:
+        settled = text if out.finished else text[:max(settled_length(text, stops), len(settled))]
+        return replace(out, text=settled), settled
+    keep = covering_tokens(out.token_ids, cut, decode)
+    already = len(out.token_ids) - len(out.new_token_ids)
+    return replace(out, token_ids=out.token_ids[:keep], new_token_ids=out.new_token_ids[:max(0, keep - already)],
+                   text=text[:cut], finished=True, finish_reason="stop"), text[:cut]
+
+
+def test_windowed_search_equals_the_whole_decode_search():
+    """Random answers on the demo tokenizer (multi-byte characters split
+    over tokens, special tokens, any token) growing by random steps, random
+    stop strings: every output equals the twin's."""
+    tok = Tokenizer.load(DEMO)
+    rng = random.Random(0)
+    words = ["héllo", "wörld", "日本語", "🙂", " STOP", "the end", "\ufffd", " ", "ab"]
+    special = sorted(tok.hf.all_special_ids)
+    num_stopped = 0
+    for trial in range(60):
+        ids = []
+        while len(ids) < 50:
+            r = rng.random()
+            if r < 0.5:
+                ids += tok.encode(rng.choice(words), add_special_tokens=False)
+            else:
+                ids.append(rng.choice(special) if r < 0.55 else rng.randrange(tok.vocab_size))
+        text = tok.decode(ids)
+        stops = tuple({rng.choice([*words, "ö", "本語🙂", "d the"]) for _ in range(rng.randint(1, 3))}
+                      | ({text[rng.randrange(len(text)):][:rng.randint(1, 4)]} if rng.random() < 0.3 else set()))
+        state, settled, n = StopStringState(stops), "", 0
+        while True:
+            new = rng.choice([0, 1, 1, 2, 3, 5])
+            n = min(n + new, len(ids))
+            out = RequestOutput("r", ids[n - new:n] if new else [], ids[:n], n == len(ids), "length" if n == len(ids) else None)
+            got = state.check(out, tok.decode)
+            want, settled = whole_decode_check(stops, out, tok.decode, settled)
+            assert got == want, (trial, n)
+            if got.finished:
+                num_stopped += got.finish_reason == "stop"
+                break
+    assert 10 < num_stopped < 60  # both ways of ending were exercised
