@@ -109,6 +109,14 @@ def run_parallel(jobs: list[dict[str, Any]], world: int = 2) -> list[list[Any]]:
         return [torch.load(Path(tmp) / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
+def assert_ranks_agree(results: tuple) -> None:
+    """Both ranks return the same generated tokens for every generate job."""
+    jobs, tp, _ = results
+    for job, a, b in zip(jobs, tp[0], tp[1]):
+        if job["kind"] == "generate":
+            assert a == b, job.get("name", job["path"])
+
+
 def assert_logits_equal(results: tuple) -> None:
     """Every logits job's TP result equals one process's (dense and ragged):
     within 1e-10 relative in float64, 2e-5 in float32."""

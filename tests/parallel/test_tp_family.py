@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from tests.conftest import golden_cases, golden_path, golden_rows
-from tests.parallel.harness import assert_logits_equal
+from tests.parallel.harness import assert_logits_equal, assert_ranks_agree
 
 pytestmark = pytest.mark.golden
 
@@ -98,10 +98,7 @@ def results(tp_runs):
 
 
 def test_ranks_agree(results):
-    jobs, tp, _ = results
-    for job, a, b in zip(jobs, tp[0], tp[1]):
-        if job["kind"] == "generate":
-            assert a == b, job["name"]
+    assert_ranks_agree(results)
 
 
 def test_logits_equal_tp1(results):

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import golden_path, golden_rows, make_random_checkpoint
-from tests.parallel.harness import assert_logits_equal
+from tests.parallel.harness import assert_logits_equal, assert_ranks_agree
 
 PROMPT = [204, 68, 268, 43, 100, 190, 179, 266, 147, 12, 244, 58]
 SMALL_PROMPT = [5, 9, 17, 3, 22, 40, 11]
@@ -87,10 +87,7 @@ def results(tp_runs):
 
 
 def test_ranks_agree(results):
-    jobs, tp, _ = results
-    for job, a, b in zip(jobs, tp[0], tp[1]):
-        if job["kind"] == "generate":
-            assert a == b
+    assert_ranks_agree(results)
 
 
 def test_logits_equal_tp1(results):
