@@ -4,7 +4,6 @@ decoding flags, and a hub model downloading after the server listens."""
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import signal
 import socket

@@ -121,7 +121,6 @@ def test_slow_headers_get_408_and_an_idle_connection_is_closed(limited):
 
 def test_a_stalled_body_gets_408_and_frees_the_request(limited):
     body = b'{"prompt": "hello", "max_tokens": 4}'
-    started = time.monotonic()
     status, err, head, elapsed = ask(limited, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:10])
     assert status == 408 and err["error"]["code"] == "request_timeout" and "body" in err["error"]["message"]

@@ -17,8 +17,8 @@ import time
 import httpx
 import pytest
 
-from tests.api.test_faults import _free_port, _healthy
-from tests.api.conftest import wait_for
+from tests.api.conftest import is_healthy, wait_for
+from tests.api.test_faults import _free_port
 from tests.conftest import REPO
 
 # Long enough to outlast a short drain on any machine: a 240-position canvas, one commit per step.
@@ -57,7 +57,7 @@ def launch(text_ckpt):
                        "--log-level", "info", *flags])
         procs.append(proc)
         url = f"http://127.0.0.1:{port}"
-        assert wait_for(lambda: _healthy(url), 90), "server did not start"
+        assert wait_for(lambda: is_healthy(url), 90), "server did not start"
         return proc, url
 
     yield start

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 
 from sampler.params import DiffusionParams
 from server.__main__ import build_parser

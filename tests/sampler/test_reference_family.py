@@ -3,8 +3,6 @@
 sets hold, on the project's model classes."""
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
