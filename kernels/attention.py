@@ -306,13 +306,8 @@ def varlen_attention(
         raise RuntimeError("Triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
                            "triton is imported)")
 
-    is_cuda = q.device.type == "cuda"
     max_q = max((cu_q[i + 1] - cu_q[i] for i in range(num_seqs)), default=0)
-    config = _launch_config(block_d, max_q, q.dtype) if is_cuda else _interpreter_config(max_q)
-    block_m = block_m or config["block_m"]
-    block_n = block_n or config["block_n"]
-    if is_cuda and has_cache and page_size % block_n and page_size >= 16 and page_size & (page_size - 1) == 0:
-        block_n = page_size  # a key tile within one page (a power of two below block_n)
+    block_m, block_n, config = _tiles(block_d, max_q, q, k_cache, block_m, block_n)
     meta, num_tiles = _metadata(cu_q, cu_k, cache_lens, block_m, q.device)
     out = torch.empty_like(q)
     if num_tiles == 0:
@@ -320,24 +315,116 @@ def varlen_attention(
     max_keys = max((cu_k[i + 1] - cu_k[i] + (cache_lens[i] if has_cache else 0) for i in range(num_seqs)))
     if num_splits is None:
         num_splits = _num_splits(num_tiles * num_heads, max_keys, q.device)
+    s = num_seqs
+    _launch(q, k, v, out, k_cache, v_cache, block_table, meta, meta[s + 1:], meta[2 * s + 2:], meta[3 * s + 2:],
+            meta[3 * s + 2 + num_tiles:], num_tiles, num_splits, block_m, block_n, config, scale)
+    return out
+
+
+_static_meta: dict[tuple, torch.Tensor] = {}
+
+
+def static_attention(
+    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i's queries in rows [i * width, (i + 1) * width)
+    k: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim): its current keys, the same rows
+    v: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
+    k_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    block_table: torch.Tensor,  # (num_seqs, max_pages) int32 page ids; entries past a sequence's keys unread
+    cache_seqlens: torch.Tensor,  # (num_seqs,) int32 cached keys per sequence, read on the device only
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``varlen_attention`` for a batch of equal-width sequences whose
+    lengths live on the device: what a captured CUDA graph can replay. The
+    host work (grid, tiles, key splits, the tile metadata) depends on the
+    shapes alone, so a replay with new cached lengths and block tables
+    launches exactly what the capture launched. Key splits are chosen for
+    the most keys the table can hold; each sequence divides its own keys
+    over them, and splits left empty exit at once."""
+    num_seqs, max_pages = block_table.shape
+    num_q_tokens, num_heads, head_dim = q.shape
+    if q.dtype not in SUPPORTED_DTYPES or not 0 < head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q must be one of {SUPPORTED_DTYPES} with head_dim in [1, {MAX_HEAD_DIM}], "
+                         f"got {q.dtype} {tuple(q.shape)}")
+    for name, t, ndim in (("q", q, 3), ("k", k, 3), ("v", v, 3), ("k_cache", k_cache, 4), ("v_cache", v_cache, 4)):
+        _check(name, t, ndim, q.dtype, q.device)
+    num_kv_heads = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != num_q_tokens or k.shape[2] != head_dim or num_heads % num_kv_heads \
+            or k_cache.shape != v_cache.shape or k_cache.shape[2:] != k.shape[1:]:
+        raise ValueError(f"k {tuple(k.shape)}, v, k_cache {tuple(k_cache.shape)}, v_cache must match q "
+                         f"{tuple(q.shape)}")
+    if not num_seqs or num_q_tokens % num_seqs:
+        raise ValueError(f"{num_q_tokens} tokens do not split into {num_seqs} sequences of one width")
+    for name, t, shape in (("block_table", block_table, (num_seqs, max_pages)), ("cache_seqlens", cache_seqlens,
+                                                                                 (num_seqs,))):
+        if t.dtype != torch.int32 or tuple(t.shape) != shape or t.device != q.device or t.stride(-1) != 1:
+            raise ValueError(f"{name} must be int32 {shape} on {q.device}, contiguous; got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise RuntimeError("Triton attention needs CUDA tensors (or TRITON_INTERPRET=1 set before "
+                           "triton is imported)")
+    width = num_q_tokens // num_seqs
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, config = _tiles(block_d, width, q, k_cache, None, None)
+    key = (num_seqs, width, block_m, q.device)
+    if key not in _static_meta:  # made at a warm-up run, before any capture; kept for the graphs' lifetime
+        starts = list(range(0, width, block_m))
+        cu = [i * width for i in range(num_seqs + 1)]
+        host = torch.tensor(cu + [i for i in range(num_seqs) for _ in starts] + starts * num_seqs, dtype=torch.int32)
+        _static_meta[key] = host.to(q.device)
+    meta = _static_meta[key]
+    num_tiles = num_seqs * -(-width // block_m)
+    max_keys = max_pages * k_cache.shape[1] + width
+    num_splits = _num_splits(num_tiles * num_heads, max_keys, q.device)
+    out = torch.empty_like(q)
+    tiles = meta[num_seqs + 1:]
+    _launch(q, k, v, out, k_cache, v_cache, block_table, meta, meta, cache_seqlens, tiles, tiles[num_tiles:],
+            num_tiles, num_splits, block_m, block_n, config, scale)
+    return out
+
+
+def _tiles(block_d: int, max_q: int, q: torch.Tensor, k_cache: torch.Tensor | None, block_m: int | None,
+           block_n: int | None) -> tuple[int, int, dict[str, int]]:
+    """(block_m, block_n, launch config): the given tiles, else chosen from the shapes."""
+    is_cuda = q.device.type == "cuda"
+    config = _launch_config(block_d, max_q, q.dtype) if is_cuda else _interpreter_config(max_q)
+    block_m = block_m or config["block_m"]
+    block_n = block_n or config["block_n"]
+    page_size = 0 if k_cache is None else k_cache.shape[1]
+    if is_cuda and page_size and page_size % block_n and page_size >= 16 and page_size & (page_size - 1) == 0:
+        block_n = page_size  # a key tile within one page (a power of two below block_n)
+    return block_m, block_n, config
+
+
+def _launch(q, k, v, out, k_cache, v_cache, block_table, cu_q, cu_k, cache_lens, tile_seq, tile_m,
+            num_tiles: int, num_splits: int, block_m: int, block_n: int, config: dict[str, int],
+            scale: float | None) -> None:
+    """The attention kernel (and the split merge) over device metadata:
+    ``cu_q``, ``cu_k`` (num_seqs + 1,), ``cache_lens`` (num_seqs,) and per
+    query tile ``tile_seq`` / ``tile_m`` (num_tiles,), all int32; nothing
+    here reads them on the host."""
+    num_q_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    is_cuda = q.device.type == "cuda"
+    has_cache = k_cache is not None
     if num_splits > 1:
         part = torch.empty((num_splits, num_q_tokens, num_heads, head_dim), device=q.device,
                            dtype=torch.float32)
         lse = torch.empty((num_splits, num_q_tokens, num_heads), device=q.device, dtype=torch.float32)
     else:
         part, lse = out[None], out  # lse unused with one split
+    page_size = k_cache.shape[1] if has_cache else 1
     if not has_cache:
         k_cache = v_cache = k[None]  # unused placeholders with the right rank
-        block_table = meta[None]
-        page_size = 1
+        block_table = cu_q[None]
     # The interpreter's bfloat16 arithmetic is wrong: there, bf16 dots run in float32.
     dot_dtype = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16 if is_cuda else tl.float32}
     dot_dtype = dot_dtype.get(q.dtype, tl.float32)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    s = num_seqs
     _attention_kernel[(num_tiles, num_heads, num_splits)](
         q, k, v, part, lse, k_cache, v_cache, block_table,
-        meta, meta[s + 1:], meta[2 * s + 2:], meta[3 * s + 2:], meta[3 * s + 2 + num_tiles:],
+        cu_q, cu_k, cache_lens, tile_seq, tile_m,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         part.stride(1), part.stride(2), part.stride(0), lse.stride(0), lse.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -355,7 +442,6 @@ def varlen_attention(
             NUM_SPLITS=num_splits, SPLITS_POW2=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
             BLOCK_D=block_d,
         )
-    return out
 
 
 def _interpreting() -> bool:

@@ -75,6 +75,24 @@ def varlen_attention(
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
 
 
+def static_attention(
+    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim)
+    k: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
+    v: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
+    k_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    block_table: torch.Tensor,  # (num_seqs, max_pages) int32
+    cache_seqlens: torch.Tensor,  # (num_seqs,) int32
+) -> torch.Tensor:
+    """Attention of equal-width sequences over paged keys, every length a
+    device tensor: no host reads, shapes fixed by the arguments' shapes (a
+    captured step's attention; ``kernels.reference.static_attention``)."""
+    if _use_triton(q):
+        from kernels import attention
+        return attention.static_attention(q, k, v, k_cache, v_cache, block_table, cache_seqlens)
+    return reference.static_attention(q, k, v, k_cache, v_cache, block_table, cache_seqlens)
+
+
 def unmask_scores(
     logits: torch.Tensor,  # (num_rows, vocab)
     temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy

@@ -214,6 +214,51 @@ def varlen_attention(
     return out
 
 
+def static_attention(
+    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i's queries in rows [i * width, (i + 1) * width)
+    k: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim): its current keys, the same rows
+    v: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
+    k_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    v_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
+    block_table: torch.Tensor,  # (num_seqs, max_pages) int page ids; any valid page past a sequence's keys
+    cache_seqlens: torch.Tensor,  # (num_seqs,) int cached keys per sequence
+    scale: float | None = None,
+) -> torch.Tensor:
+    """``varlen_attention`` for equal-width sequences with the lengths and
+    the block table as tensors, in fixed shapes with no host reads: every
+    sequence gathers all ``max_pages * page_size`` slots its table row
+    names and masks those past its cached length. The twin of
+    ``kernels.attention.static_attention`` (what a captured step runs
+    without Triton); it does the work of the longest possible sequence."""
+    num_seqs, max_pages = block_table.shape
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    width, group = q.shape[0] // num_seqs, q.shape[1] // num_kv_heads
+    page_size = k_cache.shape[1]
+    num_slots = max_pages * page_size
+    work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
+    slot = torch.arange(num_slots, device=q.device)
+    # (num_seqs, num_slots) pool slot of each sequence's j-th key
+    slots = block_table.long().repeat_interleave(page_size, dim=1) * page_size + slot % page_size
+
+    def per_seq(cache: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
+        """Sequence b's keys (or values): its table's slots, then its current tokens."""
+        cached = attention_plan.head_major_slots(cache).index_select(1, slots.view(-1))
+        cached = cached.view(num_kv_heads, num_seqs, num_slots, head_dim)
+        cur = cur.view(num_seqs, width, num_kv_heads, head_dim).permute(2, 0, 1, 3)
+        return torch.cat((cached, cur), dim=2).reshape(num_kv_heads * num_seqs, num_slots + width, head_dim).to(work)
+
+    keys, values = per_seq(k_cache, k), per_seq(v_cache, v)
+    queries = q.view(num_seqs, width, num_kv_heads, group, head_dim).permute(2, 0, 1, 3, 4).to(work)
+    queries = queries.reshape(num_kv_heads * num_seqs, width * group, head_dim)
+    scores = torch.bmm(queries, keys.transpose(1, 2)) * (head_dim ** -0.5 if scale is None else scale)
+    is_key = torch.cat((slot[None] < cache_seqlens.long()[:, None],  # (num_seqs, num_slots + width)
+                        torch.ones(num_seqs, width, dtype=torch.bool, device=q.device)), 1)
+    scores = scores.view(num_kv_heads, num_seqs, width * group, -1).masked_fill(~is_key[None, :, None], float("-inf"))
+    probs = torch.softmax(scores.view(num_kv_heads * num_seqs, width * group, -1), dim=-1)
+    out = torch.bmm(probs, values).view(num_kv_heads, num_seqs, width, group, head_dim)
+    return out.permute(1, 2, 0, 3, 4).reshape(q.shape).to(q.dtype)
+
+
 def select_commits(
     confidence: torch.Tensor,  # (num_rows,) float32; -inf rows are never committed by quota
     row_seq: torch.Tensor,  # (num_rows,) int64 row -> sequence index in [0, num_seqs)

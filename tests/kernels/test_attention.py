@@ -167,3 +167,43 @@ def test_reads_the_head_major_pool_in_place(device):
         want = reference.varlen_attention(q, k, v, cu_q, cu_k, **paged,
                                           cached_kv=lambda: view.gathered(layer, cu_k))
         torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+
+
+STATIC_CASES = {  # name -> (width, cache lengths, make_batch extras)
+    "block_over_pages": (5, [40, 0, 19], dict(num_heads=4, num_kv_heads=2)),
+    "one_sequence_page_64": (3, [130], dict(page_size=64)),
+    "wider_than_tile_odd_page": (37, [50, 24], dict(page_size=24, head_dim=32)),
+    "page_smaller_than_tile": (4, [45, 8, 0, 3], dict(page_size=8, num_heads=2, num_kv_heads=1)),
+}
+
+
+@pytest.mark.parametrize("impl", ["kernel", "twin"])
+@pytest.mark.parametrize("case", list(STATIC_CASES))
+def test_static_attention_matches_ragged_twin(case, impl, device):
+    """Equal-width sequences with lengths and block table as device tensors
+    (what a captured step replays): equal to the ragged twin given the same
+    step as lists. Table entries past each sequence's keys hold other pages
+    (stale or padding rows), which must not be read."""
+    width, cache_lens, extra = STATIC_CASES[case]
+    (q, k, v, cu_q, cu_k), cache = make_batch(device, torch.float32, [width] * len(cache_lens),
+                                              cache_lens=cache_lens, **extra)
+    want = reference.varlen_attention(q, k, v, cu_q, cu_k, **cache)
+    lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
+    launch = attention.static_attention if impl == "kernel" else reference.static_attention
+    out = launch(q, k, v, cache["k_cache"], cache["v_cache"], cache["block_table"], lens)
+    torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
+    # New contents in the same tensors (a replay): the lengths are read, not remembered.
+    lens.copy_(torch.tensor([n // 2 for n in cache_lens], dtype=torch.int32))
+    cache["block_table"].copy_(cache["block_table"].flip(1))
+    cache["cache_seqlens"] = [n // 2 for n in cache_lens]
+    out = launch(q, k, v, cache["k_cache"], cache["v_cache"], cache["block_table"], lens)
+    torch.testing.assert_close(out, reference.varlen_attention(q, k, v, cu_q, cu_k, **cache), atol=2e-5, rtol=2e-5)
+
+
+def test_static_attention_rejects_host_lengths(device):
+    (q, k, v, _, _), cache = make_batch(device, torch.float32, [4, 4], cache_lens=[3, 0])
+    paged = (cache["k_cache"], cache["v_cache"], cache["block_table"])
+    with pytest.raises(ValueError, match="cache_seqlens must be int32"):
+        attention.static_attention(q, k, v, *paged, torch.tensor([3, 0], device=device))
+    with pytest.raises(ValueError, match="one width"):
+        attention.static_attention(q[:7], k[:7], v[:7], *paged, torch.tensor([3, 0], dtype=torch.int32, device=device))
