@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
 
 from sampler.block_diffusion import StepRows, apply_cfg, denoise_step, edit_step
-from server.engine.buckets import batch_buckets, bucket_for, static_width
+from server.engine.buckets import bucket_for, static_width
+from server.engine.graphs import Graph, StepGraphs
 from server.engine.likelihood_batch import pack_scores, score
 from server.engine.messages import RunnerOutput, ScheduledSeq, SchedulerOutput, TokenLogprob
 from server.models.kv_cache import CacheView, PagedKVCache
@@ -85,6 +87,18 @@ class ModelRunner:
             cfg = model.config
             self.kv_cache = PagedKVCache.allocate(cfg.n_layers, num_kv_pages, page_size, cfg.n_kv_heads,
                                                   cfg.head_dim, model.dtype, model.device)
+        self.graphs: StepGraphs | None = None  # captured static steps (capture_graphs)
+
+    def capture_graphs(self, widths: list[int], max_pages: int, new_graph: Callable[[], Graph]) -> StepGraphs:
+        """Captures the static use steps of these widths at every bucket
+        (server/engine/graphs.py); later static steps that fit replay them.
+        ``max_pages``: the static block table's pages per sequence (a step
+        with a longer sequence runs eagerly, padded)."""
+        if self.bucket_sizes is None or self.kv_cache is None or not self.model.has_static_step:
+            raise ValueError("graphs need batch buckets, a KV cache and a model with a static step")
+        self.graphs = StepGraphs(self.model, self.kv_cache, self.bucket_sizes, widths, max_pages, new_graph)
+        self.graphs.capture()
+        return self.graphs
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
@@ -140,15 +154,21 @@ class ModelRunner:
             row_counts += pack.row_counts
         rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
-        logits = self.model(  # (len(cond_rows) + len(uncond_rows) + len(score_rows), vocab)
-            as_long(ids, dev),
-            torch.from_numpy(np.concatenate(positions).astype(np.int64, copy=False)).to(dev),
-            cu_seqlens,
-            as_long(cond_rows + uncond_rows + score_rows, dev),
-            self._cache_view(seqs, plans, cu_seqlens),
-            logits_cu_seqlens=rows_cu,
-            **self._causal_blocks(seqs, len(cu_seqlens) - 1),
-        )
+        flat_positions = np.concatenate(positions).astype(np.int64, copy=False)
+        pages = [s.pages for s in seqs]
+        if width is not None and self.graphs is not None and self.graphs.fits(len(seqs) + num_pad, width, pages):
+            # (bucket * width, vocab): the captured step, replayed on this step's inputs
+            logits = self.graphs.run(len(seqs) + num_pad, width, ids, flat_positions, [p.cached for p in plans], pages)
+        else:
+            logits = self.model(  # (len(cond_rows) + len(uncond_rows) + len(score_rows), vocab)
+                as_long(ids, dev),
+                torch.from_numpy(flat_positions).to(dev),
+                cu_seqlens,
+                as_long(cond_rows + uncond_rows + score_rows, dev),
+                self._cache_view(seqs, plans, cu_seqlens),
+                logits_cu_seqlens=rows_cu,
+                **self._causal_blocks(seqs, len(cu_seqlens) - 1),
+            )
         if width is not None:  # the real sequences' rows; padding's logits are dropped
             logits = logits.index_select(0, as_long(real_rows, dev))
         out = RunnerOutput()

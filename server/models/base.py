@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import ops
-from server.models.kv_cache import CacheView
+from server.models.kv_cache import CacheView, PagedKVCache
 from server.models.layers import AttendFn, RMSNorm, Rotary
 
 
@@ -40,6 +40,9 @@ class RaggedLM(nn.Module):
     # The attention softmax's dtype when it must differ from the scores'
     # (LLaDA-MoE's reference runs it in float32 even in a float64 model).
     attention_softmax_dtype: torch.dtype | None = None
+    # Whether the layers run without reading the device on the host (no
+    # expert routing by counts), so a use step can be captured: see has_static_step.
+    static_step: bool = True
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -65,12 +68,15 @@ class RaggedLM(nn.Module):
         return {} if dtype is None or dtype == self.dtype else {"softmax_dtype": dtype}
 
     def _run(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
-             logits_indices: torch.Tensor | None, rows_attend: AttendFn | None = None) -> torch.Tensor:
+             logits_indices: torch.Tensor | None, rows_attend: AttendFn | None = None,
+             tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """With ``rows_attend`` (attention whose queries are the
         ``logits_indices`` rows only, which must then be given), the last
         layer runs its queries, output projection and MLP on those rows
-        alone: nothing after it reads the other tokens' states."""
-        sin, cos = self.rotary.tables(int(positions.max()) + 1, input_ids.device)
+        alone: nothing after it reads the other tokens' states. ``tables``:
+        rotary (sin, cos) covering every position (else grown to the
+        largest one, read back from the device)."""
+        sin, cos = tables or self.rotary.tables(int(positions.max()) + 1, input_ids.device)
         table_dtype = self.rotary.table_dtype(self.dtype)
         sin = sin.index_select(0, positions)[:, None, :].to(table_dtype)  # (num_tokens, 1, rotary_dim)
         cos = cos.index_select(0, positions)[:, None, :].to(table_dtype)
@@ -129,6 +135,31 @@ class RaggedLM(nn.Module):
             if not self.config.block_causal_size:  # block-causal attention needs every query's position
                 rows_attend = functools.partial(attend, cu_q=logits_cu_seqlens)
         return self._run(input_ids, positions, attend, logits_indices, rows_attend)
+
+    @property
+    def has_static_step(self) -> bool:
+        """Whether ``forward_static`` computes what ``forward`` does for a
+        static cache use step (bidirectional attention in the scores' dtype,
+        no routing that reads the device, no logits shift)."""
+        return self.static_step and not self.config.block_causal_size and not self._attention_kwargs()
+
+    def forward_static(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: PagedKVCache,
+                       block_table: torch.Tensor, cache_seqlens: torch.Tensor,
+                       tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """A cache use step of equal-width sequences with every input a
+        tensor read only on the device: no host syncs, shapes fixed by the
+        arguments' shapes, so it can be captured as a CUDA graph and
+        replayed with new contents in the same tensors. input_ids,
+        positions: (num_seqs * width,), sequence i in rows [i * width, (i +
+        1) * width); block_table (num_seqs, max_pages) and cache_seqlens
+        (num_seqs,) int32: sequence i attends to its first cache_seqlens[i]
+        slots and its own tokens; nothing is stored. ``tables``: rotary
+        (sin, cos) covering every position. Returns logits of every token:
+        (num_seqs * width, vocab)."""
+        def attend(layer, q, k, v):
+            return ops.static_attention(q, k, v, kv_cache.k[layer], kv_cache.v[layer], block_table, cache_seqlens)
+
+        return self._run(input_ids, positions, attend, None, tables=tables)
 
     def forward_dense(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       logits_mask: torch.Tensor | None = None, block_length: int | None = None) -> torch.Tensor:

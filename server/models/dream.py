@@ -64,6 +64,7 @@ class DreamConfig:
 
 
 class DreamModel(DecoderLM):
+    static_step = False  # its forward shifts the logits; it has no cache modes anyway
     # The shifted logits of a block's first position come from the position
     # before it, which the cache modes do not recompute.
     decoding_modes = ("exact",)

@@ -121,6 +121,7 @@ class LLaDA2MoEBlock(nn.Module):
 
 
 class LLaDA2Model(DecoderLM):
+    static_step = False  # expert routing groups tokens by counts read on the host
     decoding_modes = ("exact", "prefix_cache")  # block-causal: the prefix cache is exact, nothing else needed
 
     def __init__(self, cfg: LLaDA2Config):

@@ -103,6 +103,7 @@ class LLaDAMoEBlock(nn.Module):
 
 
 class LLaDAMoEModel(DecoderLM):
+    static_step = False  # expert routing groups tokens by counts read on the host
     attention_softmax_dtype = torch.float32  # the eager reference's, also in a float64 model
 
     def __init__(self, cfg: LLaDAMoEConfig):
