@@ -13,6 +13,7 @@ from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.facts import ModelFacts
 from server.engine.faults import check_device
+from server.engine.graphs import capture_at_start
 from server.engine.buckets import batch_buckets
 from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
@@ -73,6 +74,10 @@ class LLMEngine:
         self.scheduler = Scheduler(sc)
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size,
                                   None if model_config.enforce_eager else batch_buckets(sc.max_num_seqs))
+        if not model_config.enforce_eager:
+            width = self.decoding_defaults.get("block_length", DiffusionParams.block_length)
+            capture_at_start(self.runner, self.model.device, width, self.max_model_len,
+                             tensor_parallel=self.workers is not None or parallel is not None)
         if self.workers is not None:
             self.runner = self.workers.wrap(self.runner)
         self.last_step = StepStats(0, 0, [])

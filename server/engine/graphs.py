@@ -21,6 +21,7 @@ CPU too.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Protocol
 
 import numpy as np
@@ -162,3 +163,31 @@ class StepGraphs:
         # the step's results were read back (a sync).
         if self.inputs is not self.host:
             self.inputs.copy_(self.host, non_blocking=True)
+
+
+def capture_at_start(runner, device: torch.device, width: int, max_model_len: int, tensor_parallel: bool) -> bool:
+    """The engine's start-up (when not --enforce-eager): captures the
+    static steps of ``width`` tokens per sequence (the checkpoint's default
+    block length) at every bucket, with a block table of ``max_model_len``
+    keys, where graphs can run; otherwise logs why static steps run padded
+    but eagerly. Returns whether graphs were captured."""
+    why = None
+    if device.type != "cuda":
+        why = f"CUDA graphs need CUDA (device {device})"
+    elif tensor_parallel:
+        why = "CUDA graphs are not captured with tensor parallelism"
+    elif runner.kv_cache is None:
+        why = "no KV cache, so no cache use steps to capture"
+    elif not runner.model.has_static_step:
+        why = f"{type(runner.model).__name__} has no static step (block-causal, expert routing or shifted logits)"
+    if why:
+        logger.info("%s: static cache use steps run padded to their batch buckets, eagerly", why)
+        return False
+    max_pages = -(-max_model_len // runner.kv_cache.page_size)
+    free_before = torch.cuda.mem_get_info(device)[0]
+    t0 = time.perf_counter()
+    graphs = runner.capture_graphs([width], max_pages, cuda_graphs())
+    logger.info("CUDA graphs: captured %d static steps (buckets %s, %d tokens per sequence, tables of %d pages) "
+                "in %.1f s, using %.2f GiB", len(graphs.graphs), runner.bucket_sizes, width, max_pages,
+                time.perf_counter() - t0, (free_before - torch.cuda.mem_get_info(device)[0]) / 2 ** 30)
+    return True

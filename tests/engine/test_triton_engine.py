@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 from kernels import ops  # noqa: E402
 from sampler.params import DiffusionParams  # noqa: E402
 from server.engine.llm import LLM  # noqa: E402
-from tests.conftest import golden_rows  # noqa: E402
+from tests.conftest import GOLDEN, golden_rows  # noqa: E402
 from tests.engine.test_llm_golden import cut, params_of  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -85,3 +85,31 @@ def test_cache_modes_through_the_kernels_match_the_twins(llm, decoding, monkeypa
     assert _generate(llm, "triton", PROMPTS, params) == twins
     assert calls["attention"] > 0 and calls["unmask"] > 0
     assert all(len(t) > 0 for t in twins)
+
+
+def test_graphed_static_steps_through_the_kernels(monkeypatch):
+    """dual_cache's use steps captured (the CPU stand-in: the same closure
+    replayed on the same buffers) through the static attention kernel: the
+    twins' eager ragged tokens, while the batch goes from three requests
+    (bucket 4) to two (bucket 2)."""
+    from kernels import attention
+    from server.engine.graphs import StandInGraph
+
+    params = [DiffusionParams(gen_length=n, steps=n, block_length=8, decoding="dual_cache", seed=i, ignore_eos=True,
+                              temperature=0.7 * (i == 2)) for i, n in enumerate([16, 8, 16])]
+    eager = LLM(str(GOLDEN), dtype="float32", device=DEVICE, max_num_seqs=4)
+    twins = _generate(eager, "torch", PROMPTS, params)
+    graphed = LLM(str(GOLDEN), dtype="float32", device=DEVICE, max_num_seqs=4, enforce_eager=False)
+    runner = graphed.engine.runner
+    launches = []
+    real = attention.static_attention
+    monkeypatch.setattr(attention, "static_attention", lambda *a, **k: launches.append(a[0].shape[0]) or real(*a, **k))
+    ops.set_backend("triton")
+    try:
+        runner.capture_graphs([8], 4, StandInGraph)  # tables of 64 keys: every canvas here fits
+    finally:
+        ops.set_backend("auto")
+    launches.clear()
+    assert _generate(graphed, "triton", PROMPTS, params) == twins
+    layers = graphed.engine.model.config.n_layers
+    assert launches == [4 * 8] * (7 * layers) + [2 * 8] * (7 * layers)
