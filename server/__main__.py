@@ -112,8 +112,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                    default=str(_env_default("enforce-eager", "true")).lower() in ("1", "true", "yes", "on"),
                    help="run every step ragged, as scheduled (default). Off: cache use steps of one width padded to "
-                   "batch-size buckets (1, 2, 4, ... max-num-seqs), static shapes, the form CUDA graphs need; no "
-                   "graphs are captured yet, so that only adds padding [LLADA_SERVE_ENFORCE_EAGER]")
+                   "batch-size buckets (1, 2, 4, ... max-num-seqs) and, on CUDA, replayed as CUDA graphs captured at "
+                   "start-up (not yet measured on a GPU; on CPU padding only) [LLADA_SERVE_ENFORCE_EAGER]")
     p.add_argument("--no-playground", action="store_true",
                    default=str(_env_default("no-playground", "")).lower() in ("1", "true", "yes", "on"),
                    help="do not serve the playground web page at /")

@@ -24,8 +24,9 @@ class ModelConfig:
     # this machine: server/engine/tp_workers.py); 1 = one process, no split.
     tensor_parallel_size: int = 1
     # True: every step runs ragged, as scheduled. False: cache use steps of one width are
-    # padded to batch-size buckets (static shapes, server/engine/buckets.py). No CUDA graphs
-    # are captured yet, so padding alone only adds work: eager is the default.
+    # padded to batch-size buckets (static shapes, server/engine/buckets.py) and, on CUDA,
+    # replayed as CUDA graphs captured at start-up (server/engine/graphs.py). Graphs have
+    # not been measured on a GPU yet (benchmarks/gpu_check.sh does): eager is the default.
     enforce_eager: bool = True
 
     def __post_init__(self) -> None:

@@ -2,9 +2,10 @@
 checkpoint (see _llada8b.py) through LLMEngine on the GPU: tokens/s at
 concurrency 1, 16 and 64 for exact, dual_cache, and dual_cache committing 4
 tokens per step, each with graphs off and on (``enforce_eager`` True/False,
---graphs: "on" pads static cache use steps to batch-size buckets, the step
-CUDA graphs are captured for; the engine captures none yet, so today "on"
-measures what the padding costs), and each step's time beside its
+--graphs: "on" pads static cache use steps to batch-size buckets and, on
+CUDA, replays them as the CUDA graphs the engine captured at start-up, for
+the checkpoint's default block length of 32; the "graphed" column counts the
+steps replayed, so 0 there means "on" measured padding alone), and each step's time beside its
 roofline floor, max(bytes / bandwidth, FLOPs / matrix rate), with both
 ceilings measured on the device first (a device-to-device copy, a bf16
 matrix product).
@@ -125,6 +126,11 @@ def measure(engine, mode: str, conc: int, shape: dict, seconds: float, bw: float
         return real(sched)
 
     engine.runner.execute = spy
+    graphs = engine.runner.graphs
+    replayed = []
+    if graphs is not None:  # counts the captured steps replayed
+        real_run = graphs.run
+        graphs.run = lambda *a: replayed.append(1) or real_run(*a)
     ids = batch("run")
     steps_per_block = block // per_step
     committed, times = 0, []
@@ -140,6 +146,8 @@ def measure(engine, mode: str, conc: int, shape: dict, seconds: float, bw: float
                 break
     finally:
         engine.runner.execute = real
+        if graphs is not None:
+            del graphs.run
         for rid in ids:
             engine.abort_request(rid)
     floors = []
@@ -160,7 +168,7 @@ def measure(engine, mode: str, conc: int, shape: dict, seconds: float, bw: float
     return {"mode": mode, "concurrency": conc, "steps": len(times), "step_ms": 1e3 * step_s, "by_kind": by_kind,
             "step_ms_median": 1e3 * statistics.median(times), "floor_ms": 1e3 * floor_s,
             "x_floor": step_s / floor_s if floors else None, "tokens_per_s": committed / sum(times),
-            "committed": committed, "running": max((len(s) for s in seen), default=0)}
+            "committed": committed, "running": max((len(s) for s in seen), default=0), "graphed": len(replayed)}
 
 
 def share_line(rec: Record, rows: list[dict], conc: int, label: str) -> None:
@@ -197,7 +205,7 @@ def body(args, rec: Record) -> None:
     rec.line(f"ceilings measured: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; "
              f"canvas {shape['prompt']}+{shape['gen']}, block {shape['block']}")
     rec.line(f"{'mode':14s} {'conc':>4s} {'graphs':>6s} {'run':>4s} {'steps':>5s} {'step ms':>8s} "
-             f"{'floor ms':>8s} {'x floor':>7s} {'tok/s':>8s}")
+             f"{'floor ms':>8s} {'x floor':>7s} {'tok/s':>8s} {'graphed':>7s}")
     from server.config import ModelConfig
     from server.engine.scheduler import SchedulerConfig
 
@@ -210,6 +218,11 @@ def body(args, rec: Record) -> None:
         label = setting if has else "n/a"
         with rec.sub(f"graphs_{setting}"):
             engine = make_engine(root, device, graphs, max(concs), shape["prompt"] + shape["gen"])
+            captured = engine.runner.graphs
+            rec.data.setdefault("captured", {})[setting] = 0 if captured is None else len(captured.graphs)
+            if graphs:
+                rec.line(f"graphs on: {rec.data['captured'][setting]} CUDA graphs captured"
+                         + ("" if cuda else " (none without CUDA: padded buckets, eager)"))
             for mode in MODES:
                 for conc in concs:
                     with rec.sub(f"{mode}_{conc}_{setting}"):
@@ -218,7 +231,8 @@ def body(args, rec: Record) -> None:
                         rec.data["rows"].append(r)
                         xf = f"{r['x_floor']:7.2f}" if r["x_floor"] else f"{'-':>7s}"
                         rec.line(f"{mode:14s} {conc:4d} {label:>6s} {r['running']:4d} {r['steps']:5d} "
-                                 f"{r['step_ms']:8.2f} {r['floor_ms']:8.3f} {xf} {r['tokens_per_s']:8.1f}")
+                                 f"{r['step_ms']:8.2f} {r['floor_ms']:8.3f} {xf} {r['tokens_per_s']:8.1f} "
+                                 f"{r['graphed']:7d}")
             for conc in concs:
                 with rec.sub(f"share_{conc}_{setting}"):
                     share_line(rec, [r for r in rec.data["rows"] if r["concurrency"] == conc
