@@ -325,7 +325,7 @@ _static_meta: dict[tuple, torch.Tensor] = {}
 
 
 def static_attention(
-    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i's queries in rows [i * width, (i + 1) * width)
+    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i in rows [i * width, (i + 1) * width)
     k: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim): its current keys, the same rows
     v: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
     k_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)

@@ -215,7 +215,7 @@ def varlen_attention(
 
 
 def static_attention(
-    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i's queries in rows [i * width, (i + 1) * width)
+    q: torch.Tensor,  # (num_seqs * width, num_heads, head_dim): sequence i in rows [i * width, (i + 1) * width)
     k: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim): its current keys, the same rows
     v: torch.Tensor,  # (num_seqs * width, num_kv_heads, head_dim)
     k_cache: torch.Tensor,  # (num_pages, page_size, num_kv_heads, head_dim)
@@ -238,7 +238,8 @@ def static_attention(
     work = q.dtype if q.dtype in (torch.float32, torch.float64) else torch.float32
     slot = torch.arange(num_slots, device=q.device)
     # (num_seqs, num_slots) pool slot of each sequence's j-th key
-    slots = block_table.long().repeat_interleave(page_size, dim=1) * page_size + slot % page_size
+    slots = block_table.long()[:, :, None].expand(-1, -1, page_size).reshape(num_seqs, num_slots) * page_size \
+        + slot % page_size
 
     def per_seq(cache: torch.Tensor, cur: torch.Tensor) -> torch.Tensor:
         """Sequence b's keys (or values): its table's slots, then its current tokens."""
