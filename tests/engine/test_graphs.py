@@ -101,3 +101,30 @@ def test_capture_needs_a_static_step():
     llm = LLM(str(golden_path("llada")), dtype="float32", device="cpu", max_num_seqs=4)
     with pytest.raises(ValueError, match="buckets"):
         llm.engine.runner.capture_graphs([8], 4, StandInGraph)
+
+
+def test_the_captured_step_reads_nothing_on_the_host():
+    """On the meta device any read of a tensor's values on the host
+    (``.item()``, ``int(t)``, ``.tolist()``, a shape that depends on data)
+    raises: capture and replay run whole there (the twin's attention), so
+    the step holds no sync that a CUDA graph capture would refuse. The
+    eager forward, which sizes its rotary table from the positions, does not."""
+    import numpy as np
+    import torch
+
+    from server.models.kv_cache import PagedKVCache
+    from server.models.llada import LLaDAConfig, LLaDAModel
+
+    cfg = LLaDAConfig(d_model=32, n_heads=4, n_kv_heads=2, n_layers=2, mlp_hidden_size=64, vocab_size=64,
+                      mask_token_id=63)
+    cfg.validate()
+    meta = torch.device("meta")
+    with meta:
+        model = LLaDAModel(cfg)
+    kv = PagedKVCache.allocate(cfg.n_layers, 8, 4, cfg.n_kv_heads, cfg.head_dim, torch.float32, meta)
+    graphs = StepGraphs(model, kv, [1, 2], [8], 4, StandInGraph)
+    graphs.capture()
+    logits = graphs.run(2, 8, [5] * 16, np.arange(16), [3], [[1, 2]])
+    assert logits.shape == (16, 64) and logits.device == meta
+    with pytest.raises(RuntimeError, match="meta"):
+        model(torch.zeros(8, dtype=torch.long, device=meta), torch.arange(8, device=meta), [0, 8])
