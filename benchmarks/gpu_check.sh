@@ -14,7 +14,8 @@
 # summary.txt (the table printed last). Exit status: non-zero if any part failed.
 #
 # The parts, in run order (PARTS below):
-#   golden       (b) shared/golden/llada-tiny through the engine: float32 token for token, bfloat16 logits
+#   golden       (b) shared/golden/llada-tiny through the engine: float32 token for token, bfloat16 logits,
+#                    dual_cache with CUDA graphs captured and replayed against eager, token for token
 #   load_8b      (c) a LLaDA-8B-shaped random bf16 checkpoint written to local disk, loaded: time, peak memory
 #   decode       (d) tokens/s at concurrency 1/16/64, exact / dual_cache / dual_cache 4 per step, graphs
 #                    off/on, step time beside the roofline floor (reuses load_8b's checkpoint, or writes it)

@@ -6,7 +6,11 @@
 - the six reference generate() cases through LLM.generate, each alone and all
   in one ragged batch: token for token in float32 (checked), and in bfloat16
   the fraction of tokens that agree (reported: on these deliberately large
-  random weights bf16 rounding changes rankings, see the golden README).
+  random weights bf16 rounding changes rankings, see the golden README);
+- CUDA graphs (--no-enforce-eager): dual_cache answers of the golden prompts
+  with the use steps captured at start-up and replayed, in float32, token for
+  token the eager engine's (checked, with the count of steps replayed; on CPU
+  nothing is captured and the padded eager steps are compared).
 
 The golden folder is looked for in $LLADA_GOLDEN, then shared/golden/llada-tiny
 inside the repository (the device tool carries a shared/ inside the checkout,
@@ -104,6 +108,38 @@ def body(args, rec: Record) -> None:
             rec.line(f"generate {dtype:8s} exact alone {exact[0]}/{len(rows)}, in one batch {exact[1]}/{len(rows)}, "
                      f"tokens agreeing {agree:.1%}" + ("" if dtype == "bfloat16" else
                                                        ("  ok" if exact == (len(rows), len(rows)) else "  FAILED")))
+
+        if dtype == "float32":
+            with rec.sub("graphs_float32"):
+                graphs_check(rec, llm, golden, rows, device)
+
+
+def graphs_check(rec: Record, eager, golden: Path, rows, device) -> None:
+    """dual_cache through an engine with CUDA graphs (the checkpoint's
+    default block of 32) against ``eager``: four requests (bucket 4), then
+    one alone (bucket 1)."""
+    from sampler.params import DiffusionParams
+    from server.engine.llm import LLM
+
+    graphed = LLM(str(golden), dtype="float32", device=str(device), gpu_memory_utilization=0.05, max_num_seqs=4,
+                  enforce_eager=False)
+    graphs = graphed.engine.runner.graphs
+    replayed = []
+    if graphs is not None:
+        real_run = graphs.run
+        graphs.run = lambda *a: replayed.append(1) or real_run(*a)
+    prompts = [r[1] for r in rows[:4]]
+    params = DiffusionParams(gen_length=64, block_length=32, steps=32, decoding="dual_cache", ignore_eos=True)
+
+    def answers(llm) -> list[list[int]]:
+        return [o.token_ids for o in llm.generate(prompts, params)] + [llm.generate(prompts[:1], params)[0].token_ids]
+
+    want, got = answers(eager), answers(graphed)
+    captured, same = 0 if graphs is None else len(graphs.graphs), sum(a == b for a, b in zip(got, want))
+    ok = got == want and (captured > 0 and len(replayed) > 0 or device.type != "cuda")
+    rec.check("graphs_float32", ok, captured=captured, replayed=len(replayed), same=same, answers=len(want))
+    rec.line(f"graphs   float32 {captured} captured, {len(replayed)} steps replayed, answers equal to eager "
+             f"{same}/{len(want)}: {'ok' if ok else 'FAILED'}")
 
 
 if __name__ == "__main__":
