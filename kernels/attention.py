@@ -333,6 +333,8 @@ def static_attention(
     block_table: torch.Tensor,  # (num_seqs, max_pages) int32 page ids; entries past a sequence's keys unread
     cache_seqlens: torch.Tensor,  # (num_seqs,) int32 cached keys per sequence, read on the device only
     scale: float | None = None,
+    block_m: int | None = None,  # query tile; None = chosen from the shapes
+    block_n: int | None = None,  # key tile; None = chosen from the shapes
 ) -> torch.Tensor:
     """``varlen_attention`` for a batch of equal-width sequences whose
     lengths live on the device: what a captured CUDA graph can replay. The
@@ -365,7 +367,7 @@ def static_attention(
                            "triton is imported)")
     width = num_q_tokens // num_seqs
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, config = _tiles(block_d, width, q, k_cache, None, None)
+    block_m, block_n, config = _tiles(block_d, width, q, k_cache, block_m, block_n)
     key = (num_seqs, width, block_m, q.device)
     if key not in _static_meta:  # made at a warm-up run, before any capture; kept for the graphs' lifetime
         starts = list(range(0, width, block_m))

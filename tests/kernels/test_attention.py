@@ -2,6 +2,8 @@
 batches, GQA, paged prefixes, key splits, every supported head_dim."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -169,11 +171,11 @@ def test_reads_the_head_major_pool_in_place(device):
         torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
 
 
-STATIC_CASES = {  # name -> (width, cache lengths, make_batch extras)
-    "block_over_pages": (5, [40, 0, 19], dict(num_heads=4, num_kv_heads=2)),
-    "one_sequence_page_64": (3, [130], dict(page_size=64)),
-    "wider_than_tile_odd_page": (37, [50, 24], dict(page_size=24, head_dim=32)),
-    "page_smaller_than_tile": (4, [45, 8, 0, 3], dict(page_size=8, num_heads=2, num_kv_heads=1)),
+STATIC_CASES = {  # name -> (width, cache lengths, make_batch extras, launch overrides)
+    "block_over_pages": (5, [40, 0, 19], dict(num_heads=4, num_kv_heads=2), {}),
+    "tiles_within_pages": (3, [130, 64], dict(page_size=64), dict(block_n=32)),
+    "three_tiles_a_sequence_odd_page": (37, [50, 24], dict(page_size=24, head_dim=32), dict(block_m=16)),
+    "page_smaller_than_tile": (4, [45, 8, 0, 3], dict(page_size=8, num_heads=2, num_kv_heads=1), {}),
 }
 
 
@@ -184,12 +186,12 @@ def test_static_attention_matches_ragged_twin(case, impl, device):
     (what a captured step replays): equal to the ragged twin given the same
     step as lists. Table entries past each sequence's keys hold other pages
     (stale or padding rows), which must not be read."""
-    width, cache_lens, extra = STATIC_CASES[case]
+    width, cache_lens, extra, tiles = STATIC_CASES[case]
     (q, k, v, cu_q, cu_k), cache = make_batch(device, torch.float32, [width] * len(cache_lens),
                                               cache_lens=cache_lens, **extra)
     want = reference.varlen_attention(q, k, v, cu_q, cu_k, **cache)
     lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
-    launch = attention.static_attention if impl == "kernel" else reference.static_attention
+    launch = functools.partial(attention.static_attention, **tiles) if impl == "kernel" else reference.static_attention
     out = launch(q, k, v, cache["k_cache"], cache["v_cache"], cache["block_table"], lens)
     torch.testing.assert_close(out, want, atol=2e-5, rtol=2e-5)
     # New contents in the same tensors (a replay): the lengths are read, not remembered.
