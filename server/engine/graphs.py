@@ -132,10 +132,10 @@ class StepGraphs:
                 graph = self.new_graph()
                 self.graphs[bucket, width] = graph, graph.capture(self._step(bucket, width))
 
-    def fits(self, bucket: int, width: int, pages: list[list[int]]) -> bool:
+    def fits(self, bucket: int, width: int, num_pages: int) -> bool:
         """Whether a step has a graph: its bucket and width were captured and
-        every sequence's pages fit the static block table."""
-        return (bucket, width) in self.graphs and all(len(p) <= self.max_pages for p in pages)
+        its longest sequence's ``num_pages`` fit the static block table."""
+        return (bucket, width) in self.graphs and num_pages <= self.max_pages
 
     def run(self, bucket: int, width: int, ids: list[int], positions: np.ndarray, cache_seqlens: list[int],
             pages: list[list[int]]) -> torch.Tensor:

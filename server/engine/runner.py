@@ -155,10 +155,11 @@ class ModelRunner:
         rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
         flat_positions = np.concatenate(positions).astype(np.int64, copy=False)
-        pages = [s.pages for s in seqs]
-        if width is not None and self.graphs is not None and self.graphs.fits(len(seqs) + num_pad, width, pages):
+        if width is not None and self.graphs is not None \
+                and self.graphs.fits(len(seqs) + num_pad, width, max(len(s.pages) for s in seqs)):
             # (bucket * width, vocab): the captured step, replayed on this step's inputs
-            logits = self.graphs.run(len(seqs) + num_pad, width, ids, flat_positions, [p.cached for p in plans], pages)
+            logits = self.graphs.run(len(seqs) + num_pad, width, ids, flat_positions, [p.cached for p in plans],
+                                     [s.pages for s in seqs])
         else:
             logits = self.model(  # (len(cond_rows) + len(uncond_rows) + len(score_rows), vocab)
                 as_long(ids, dev),
