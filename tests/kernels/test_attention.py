@@ -209,3 +209,20 @@ def test_static_attention_rejects_host_lengths(device):
         attention.static_attention(q, k, v, *paged, torch.tensor([3, 0], device=device))
     with pytest.raises(ValueError, match="one width"):
         attention.static_attention(q[:7], k[:7], v[:7], *paged, torch.tensor([3, 0], dtype=torch.int32, device=device))
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("page_size", [16, 64])
+def test_static_attention_at_llada_8b_shapes_on_gpu(page_size, device):
+    """32-token blocks of LLaDA-8B's heads over paged keys, the block table
+    padded to 4096 keys (what a captured step launches), bfloat16."""
+    cache_lens = [1000, 17, 4000, 0]
+    (q, k, v, cu_q, cu_k), cache = make_batch(device, torch.bfloat16, [32] * 4, cache_lens=cache_lens, num_heads=32,
+                                              num_kv_heads=32, head_dim=128, page_size=page_size)
+    table = torch.zeros(4, 4096 // page_size, dtype=torch.int32, device=device)
+    table[:, :cache["block_table"].shape[1]] = cache["block_table"]
+    lens = torch.tensor(cache_lens, dtype=torch.int32, device=device)
+    out = attention.static_attention(q, k, v, cache["k_cache"], cache["v_cache"], table, lens)
+    want = reference.varlen_attention(q, k, v, cu_q, cu_k, **cache)
+    torch.testing.assert_close(out.float(), want.float(), atol=2e-2, rtol=2e-2)
