@@ -104,7 +104,7 @@ class StepGraphs:
         self.inputs = self.host if dev.type == "cpu" else torch.zeros(size, dtype=torch.int64, device=dev)
         # Rotary tables for every position a fitting step can hold, made once: the graphs keep reading these.
         self.tables = model.rotary.tables(max(max_pages * kv_cache.page_size, self.widths[-1]), dev)
-        self.graphs: dict[tuple[int, int], tuple[Graph, torch.Tensor]] = {}  # (bucket, width) -> graph, its logits
+        self.graphs: dict[tuple[int, int], Graph] = {}  # (bucket, width) -> its captured step
 
     def _step(self, bucket: int, width: int) -> Step:
         """The forward over this bucket's slices of the static buffers."""
@@ -130,7 +130,8 @@ class StepGraphs:
         for width in reversed(self.widths):
             for bucket in reversed(self.buckets):
                 graph = self.new_graph()
-                self.graphs[bucket, width] = graph, graph.capture(self._step(bucket, width))
+                graph.capture(self._step(bucket, width))
+                self.graphs[bucket, width] = graph
 
     def fits(self, bucket: int, width: int, num_pages: int) -> bool:
         """Whether a step has a graph: its bucket and width were captured and
@@ -150,12 +151,12 @@ class StepGraphs:
         lens = staged[self._lens]
         lens[:bucket] = 0
         lens[:len(cache_seqlens)] = cache_seqlens
-        table = staged[self._table].reshape(-1, self.max_pages)  # rows past a sequence's pages: stale, never read
+        # Entries past a sequence's pages keep earlier steps' values: valid page ids, masked by the lengths.
+        table = staged[self._table].reshape(-1, self.max_pages)
         for i, p in enumerate(pages):
             table[i, :len(p)] = p
         self._upload()
-        graph, _ = self.graphs[bucket, width]
-        return graph.replay()
+        return self.graphs[bucket, width].replay()
 
     def _upload(self) -> None:
         # Non-blocking from pinned memory: the replay is queued behind it on
