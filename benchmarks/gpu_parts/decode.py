@@ -241,6 +241,19 @@ def body(args, rec: Record) -> None:
         gc.collect()  # the next setting's engine sizes its KV pool from what this one frees
         if cuda:
             torch.cuda.empty_cache()
+    graphs_ratio(rec)
+
+
+def graphs_ratio(rec: Record) -> None:
+    """Whether graphs pay: per mode and concurrency measured both ways,
+    tokens/s with graphs on over off (the rows' own figures, side by side)."""
+    rows = {(r["mode"], r["concurrency"], r["graphs"]): r for r in rec.data["rows"]}
+    ratios = [f"{mode} {conc}: {on['tokens_per_s'] / off['tokens_per_s']:.2f}x"
+              for (mode, conc, label), on in rows.items() if label == "on"
+              for off in [rows.get((mode, conc, "off"))] if off and off["tokens_per_s"]]
+    if ratios:
+        rec.data["graphs_speedup"] = ratios
+        rec.line("tokens/s graphs on / off: " + ", ".join(ratios))
 
 
 def add_args(ap) -> None:
