@@ -61,7 +61,7 @@ def varlen_attention(
     cu_seqlens_q: list[int],  # (num_seqs + 1,) query starts
     cu_seqlens_k: list[int],  # (num_seqs + 1,) current key starts
     **kwargs,  # k_cache, v_cache, block_table, cache_seqlens, scale, causal_block, positions, softmax_dtype,
-    # cached_kv: see kernels.reference
+    # cached_kv, key_plan: see kernels.reference
 ) -> torch.Tensor:
     # The kernel is non-causal only, with its softmax in float32; it reads cached keys in place.
     # causal_block may be a per-token tensor (block-causal sequences of several block lengths).
@@ -70,6 +70,7 @@ def varlen_attention(
     if _use_triton(q) and not is_causal and kwargs.get("softmax_dtype") in (None, torch.float32):
         kwargs.pop("softmax_dtype", None)
         kwargs.pop("cached_kv", None)
+        kwargs.pop("key_plan", None)
         from kernels import attention
         return attention.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)
     return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -79,6 +80,16 @@ def gumbel_noise(seed: torch.Tensor, row_offset: torch.Tensor, vocab_size: int) 
     return -torch.log(-torch.log(u))
 
 
+def row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=1)``, int64 (num_rows,): the first index of each row's
+    maximum (NaN counts as the maximum, as in torch). On CPU numpy's
+    vectorized argmax computes it: torch's row-wise argmax is a scalar loop
+    there, some 10x slower over a vocabulary (a fixed cost of every step)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[1] > 0:
+        return torch.from_numpy(np.argmax(x.numpy(), axis=1))
+    return x.argmax(dim=1)
+
+
 def unmask_scores(
     logits: torch.Tensor,  # (num_rows, vocab)
     temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy
@@ -106,7 +117,7 @@ def unmask_scores(
         t = temperature[rows].to(work_dtype)[:, None]
         scores = logits.clone()
         scores[rows] = logits[rows] / t + noise
-    x0 = scores.argmax(dim=1)
+    x0 = row_argmax(scores)
     log_probs = torch.log_softmax(logits, dim=1)
     out = {"x0": x0, "prob": log_probs.gather(1, x0[:, None]).squeeze(1).exp().float()}
     if with_margin:
@@ -136,6 +147,8 @@ def varlen_attention(
     softmax_dtype: torch.dtype | None = None,  # the softmax's dtype when not the scores' (an eager reference's)
     cached_kv: Callable[[], tuple[torch.Tensor | None, ...]] | None = None,  # gives this layer's cached keys
     # and values already gathered: per group of the key plan, (2, num_kv_heads, batch * max_k, head_dim)
+    key_plan: Callable[[], attention_plan.KeyPlan] | None = None,  # gives the step's key plan, made once for
+    # every layer (else it is looked up from the arguments)
 ) -> torch.Tensor:
     """Non-causal attention over a ragged batch: the queries of sequence i
     attend to its cached keys (if any) and to its current keys, all of them
@@ -156,8 +169,11 @@ def varlen_attention(
     gather from the pages. 16-bit inputs are computed in float32 (products,
     softmax and weighted sum), float64 in float64."""
     use_cache = k_cache is not None and cache_seqlens is not None and any(cache_seqlens)
-    keys_plan = attention_plan.plan_keys(cu_seqlens_k, cache_seqlens if use_cache else None, block_table,
-                                         k_cache.shape[1] if use_cache else 0, q.device)
+    if key_plan is not None:
+        keys_plan = key_plan()
+    else:
+        keys_plan = attention_plan.plan_keys(cu_seqlens_k, cache_seqlens if use_cache else None, block_table,
+                                             k_cache.shape[1] if use_cache else 0, q.device)
     queries_plan = attention_plan.query_plan(keys_plan, tuple(map(int, cu_seqlens_q)), str(q.device))
     gathered = cached_kv() if use_cache and cached_kv is not None else None
     if use_cache and gathered is None:

@@ -116,6 +116,9 @@ class RaggedLM(nn.Module):
             def attend(layer, q, k, v, cu_q=cu_seqlens):
                 return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, **extra)
         else:
+            def key_plan():
+                return cache.key_plan(cu_seqlens)
+
             def attend(layer, q, k, v, cu_q=cu_seqlens):
                 # The CPU twin takes every layer's cached keys from one gather, made at its first call
                 # (a step never reads the slots it writes); the Triton kernel reads the pages in place.
@@ -125,7 +128,8 @@ class RaggedLM(nn.Module):
                 cache.write(layer, k, v)
                 return ops.varlen_attention(q, k, v, cu_q, cu_seqlens, k_cache=cache.cache.k[layer],
                                             v_cache=cache.cache.v[layer], block_table=cache.block_table,
-                                            cache_seqlens=cache.cache_seqlens, cached_kv=cached_kv, **extra)
+                                            cache_seqlens=cache.cache_seqlens, cached_kv=cached_kv,
+                                            key_plan=key_plan, **extra)
 
         rows_attend = None
         if logits_cu_seqlens is not None:
