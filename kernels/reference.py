@@ -86,7 +86,7 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     vectorized argmax computes it: torch's row-wise argmax is a scalar loop
     there, some 10x slower over a vocabulary (a fixed cost of every step)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[1] > 0:
-        return torch.from_numpy(np.argmax(x.numpy(), axis=1))
+        return torch.from_numpy(np.argmax(x.detach().numpy(), axis=1))
     return x.argmax(dim=1)
 
 

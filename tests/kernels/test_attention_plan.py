@@ -105,3 +105,37 @@ def test_twin_fed_one_gather_matches_per_sequence_attention():
         got = reference.varlen_attention(q, k, v, cu, cu, cached_kv=lambda: view.gathered(layer, cu), **kwargs)
         torch.testing.assert_close(got, per_sequence(q, k, v, cu, cu, **kwargs), atol=1e-12, rtol=1e-12)
         torch.testing.assert_close(got, reference.varlen_attention(q, k, v, cu, cu, **kwargs), atol=1e-12, rtol=0)
+
+
+def test_use_steps_reuse_the_gather_until_the_pool_is_written():
+    """Steps with the same key plan share one gather while nothing writes
+    the pool (a dual_cache block's use steps); a fill's write, or any other
+    in-place write to the pool, makes the next step gather afresh, and
+    every step's attention equals per-sequence attention over the pool as
+    it is then, with the step's own (new) current keys."""
+    layers, page_size, heads, dim = 2, 4, 2, 8
+    cu, cached, table, num_pages = random_step(5, 4, page_size)
+    cache = PagedKVCache.allocate(layers, num_pages, page_size, heads, dim, torch.float64, "cpu")
+    cache.kv.copy_(torch.randn(cache.kv.shape, dtype=torch.float64))
+    block_table = torch.tensor(table, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(0)
+    gathers = []
+    for step in range(5):
+        if step == 2:  # a fill stores one token of layer 1 (through the view, as the engine writes)
+            fill = CacheView(cache, block_table, [0] * len(cached), torch.tensor([table[0][0] * page_size]))
+            kv = torch.randn(2, 1, heads, dim, dtype=torch.float64, generator=gen)
+            fill.write(1, kv[0], kv[1])
+        if step == 4:  # a write that bypasses the view
+            cache.kv[:, 0].mul_(0.5)
+        view = CacheView(cache, block_table, cached, None)
+        for layer in range(layers):
+            q = torch.randn(cu[-1], heads, dim, dtype=torch.float64, generator=gen)
+            k, v = (torch.randn(cu[-1], heads, dim, dtype=torch.float64, generator=gen) for _ in range(2))
+            kwargs = dict(k_cache=cache.k[layer], v_cache=cache.v[layer], block_table=block_table,
+                          cache_seqlens=cached)
+            got = reference.varlen_attention(q, k, v, cu, cu, cached_kv=lambda: view.gathered(layer, cu),
+                                             key_plan=lambda: view.key_plan(cu), **kwargs)
+            torch.testing.assert_close(got, per_sequence(q, k, v, cu, cu, **kwargs), atol=1e-12, rtol=1e-12)
+        gathers.append(view._gathered)
+    same = [a is b for a, b in zip(gathers, gathers[1:])]
+    assert same == [True, False, True, False]  # reused, written (fill), reused, written (in place)
