@@ -95,37 +95,35 @@ class StepRows:
                                       alg_temps or [0.0] * len(counts), transfer_probs or [1.0] * len(counts),
                                       device)
 
-        # Settings go over as one value per sequence, spread to rows on the device.
-        row_seq = torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64), counts)).to(device)
-
-        # One tensor per dtype, spread by one index each (host time per step: a tensor costs microseconds).
-        floats = torch.tensor([temperatures, top_ps or [1.0] * len(counts)], dtype=torch.float32,
-                              device=device)[:, row_seq]  # (2, num_rows)
-        ints = torch.tensor([seeds, random_seeds, top_ks or [0] * len(counts)], dtype=torch.int64,
-                            device=device)[:, row_seq]  # (3, num_rows)
-
-        rules = torch.tensor([[t if REMASKING[r].rule == "threshold" else 0.0
-                               for t, r in zip(thresholds or [0.0] * len(counts), remasking)],
-                              [f if REMASKING[r].rule == "factor" else 0.0
-                               for f, r in zip(factors or [0.0] * len(counts), remasking)]],
-                             dtype=torch.float32, device=device)  # (2, num_seqs): threshold, factor
-        offsets = list(itertools.chain.from_iterable(row_offsets))
+        # Spread to rows on the host (numpy: a torch op costs microseconds, a step's fixed cost), one tensor
+        # per dtype copied to the device.
+        num_seqs = len(counts)
+        row_seq = np.repeat(np.arange(num_seqs, dtype=np.int64), counts)
+        floats = np.array([temperatures, top_ps or [1.0] * num_seqs], dtype=np.float32)[:, row_seq]  # (2, num_rows)
+        ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs], dtype=np.int64)[:, row_seq]  # (3, num_rows)
+        offsets = np.fromiter(itertools.chain.from_iterable(row_offsets), dtype=np.int64, count=len(row_seq))
+        ints = np.concatenate((ints, row_seq[None], offsets[None]))  # (5, num_rows)
+        rule_of = [REMASKING[r].rule for r in remasking]
+        per_seq = np.array([[t if r == "threshold" else 0.0 for t, r in zip(thresholds or [0.0] * num_seqs, rule_of)],
+                            [f if r == "factor" else 0.0 for f, r in zip(factors or [0.0] * num_seqs, rule_of)]],
+                           dtype=np.float32)  # (2, num_seqs): threshold, factor
+        floats_t, ints_t, per_seq_t = (torch.from_numpy(a).to(device) for a in (floats, ints, per_seq))
         return cls(
-            row_seq=row_seq,
-            row_offset=torch.from_numpy(np.fromiter(offsets, dtype=np.int64, count=len(offsets))).to(device),
-            temperature=floats[0],
-            seed=ints[0],
-            random_seed=ints[1],
-            top_k=ints[2],
-            top_p=floats[1],
-            quota=torch.tensor(quotas, dtype=torch.int64, device=device),
-            threshold=rules[0],
-            factor=rules[1],
+            row_seq=ints_t[3],
+            row_offset=ints_t[4],
+            temperature=floats_t[0],
+            seed=ints_t[0],
+            random_seed=ints_t[1],
+            top_k=ints_t[2],
+            top_p=floats_t[1],
+            quota=torch.from_numpy(np.array(quotas, dtype=np.int64)).to(device),
+            threshold=per_seq_t[0],
+            factor=per_seq_t[1],
             remasking=remasking,
             any_filter=any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
-                           for t, k, p in zip(temperatures, top_ks or [0] * len(counts),
-                                              top_ps or [1.0] * len(counts))),
-            any_factor=any(REMASKING[r].rule == "factor" for r in remasking),
+                           for t, k, p in zip(temperatures, top_ks or [0] * num_seqs,
+                                              top_ps or [1.0] * num_seqs)),
+            any_factor="factor" in rule_of,
             family=family,
         )
 
