@@ -37,7 +37,7 @@ class KeyGroup:
     cur_dst: torch.Tensor | None  # (num_cur,) their key rows (cache groups only)
     is_cached: torch.Tensor  # (batch, max_k) bool: the row holds a cached key
     key_mask: torch.Tensor | None  # (batch, 1, max_k) bool: keys that exist; None: all do
-    k0: int = 0  # one sequence without a cache: its current keys are k[k0:k1]
+    k0: int = 0  # one sequence: its current keys are k[k0:k1] (its key rows' last k1 - k0, after any cached)
     k1: int = 0
 
     @property
@@ -96,7 +96,7 @@ def key_plan(cu_k: tuple[int, ...], cached: tuple[int, ...], table: tuple[tuple[
             is_cached += [True] * n + [False] * (max_k - n)
             valid += [True] * k_lens[i] + [False] * (max_k - k_lens[i])
         all_cur = cur_src == list(range(cu_k[-1]))
-        span = (cu_k[seqs[0]], cu_k[seqs[0] + 1]) if batch == 1 and not any_cached else (0, 0)
+        span = (cu_k[seqs[0]], cu_k[seqs[0] + 1]) if batch == 1 else (0, 0)
         read += batch * max_k if any_cached else 0
         groups.append(KeyGroup(
             tuple(seqs), max_k, _tensor(k_src, device), _tensor(cache_src, device) if any_cached else None,

@@ -192,20 +192,26 @@ def varlen_attention(
         if qp.max_q == 0:
             continue
         batch, max_k = g.batch, g.max_k
+        # One sequence (every step at batch 1) takes slices and views where several take index ops: at a
+        # cache use step's few queries each op's fixed cost is a good part of the layer's attention.
         queries = qg[:, qp.q0:qp.q1] if qp.q0 >= 0 else qg.index_select(1, qp.q_src)
-        queries = queries.reshape(num_kv_heads * batch, qp.max_q * group, head_dim).to(work)
+        queries = _as(queries.reshape(num_kv_heads * batch, qp.max_q * group, head_dim), work)
         if g.cache_src is not None:  # the gathered cached rows, then the current keys copied over their rows
             keys, values = gathered[i][0], gathered[i][1]  # (kv_heads, batch * max_k, dim)
-            k_cur = k_hm if g.cur_src is None else k_hm.index_select(1, g.cur_src)
-            v_cur = v_hm if g.cur_src is None else v_hm.index_select(1, g.cur_src)
-            keys.index_copy_(1, g.cur_dst, k_cur.to(keys.dtype))
-            values.index_copy_(1, g.cur_dst, v_cur.to(values.dtype))
+            if batch == 1:  # its current keys are k[k0:k1], its last rows
+                keys[:, max_k - (g.k1 - g.k0):].copy_(k_hm[:, g.k0:g.k1])
+                values[:, max_k - (g.k1 - g.k0):].copy_(v_hm[:, g.k0:g.k1])
+            else:
+                k_cur = k_hm if g.cur_src is None else k_hm.index_select(1, g.cur_src)
+                v_cur = v_hm if g.cur_src is None else v_hm.index_select(1, g.cur_src)
+                keys.index_copy_(1, g.cur_dst, _as(k_cur, keys.dtype))
+                values.index_copy_(1, g.cur_dst, _as(v_cur, values.dtype))
         elif batch == 1:
             keys, values = k_hm[:, g.k0:g.k1], v_hm[:, g.k0:g.k1]
         else:
             keys, values = k_hm.index_select(1, g.k_src), v_hm.index_select(1, g.k_src)
-        keys = keys.reshape(num_kv_heads * batch, max_k, head_dim).to(work)
-        values = values.reshape(num_kv_heads * batch, max_k, head_dim).to(work)
+        keys = _as(keys.reshape(num_kv_heads * batch, max_k, head_dim), work)
+        values = _as(values.reshape(num_kv_heads * batch, max_k, head_dim), work)
         scores = torch.bmm(queries, keys.transpose(1, 2))  # (kv_heads * batch, max_q * group, max_k)
         scores = scores.mul_(scale)
         mask = None if g.key_mask is None else g.key_mask[None, :, :, None, :]  # (1, batch, 1, 1, max_k)
@@ -221,7 +227,7 @@ def varlen_attention(
             mask = seen if mask is None else mask & seen
         if mask is not None:
             scores.view(num_kv_heads, batch, qp.max_q, group, max_k).masked_fill_(~mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(work)
+        probs = _as(torch.softmax(scores, dim=-1, dtype=softmax_dtype), work)
         o = torch.bmm(probs, values).view(num_kv_heads, batch * qp.max_q, group, head_dim)
         if qp.q0 >= 0:
             out_g[qp.q0:qp.q1] = o.permute(1, 0, 2, 3)
@@ -274,6 +280,11 @@ def static_attention(
     probs = torch.softmax(scores.view(num_kv_heads * num_seqs, width * group, -1), dim=-1)
     out = torch.bmm(probs, values).view(num_kv_heads, num_seqs, width, group, head_dim)
     return out.permute(1, 2, 0, 3, 4).reshape(q.shape).to(q.dtype)
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x in dtype; no dispatch when it already is (a few microseconds per call, many calls per step)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def select_commits(
