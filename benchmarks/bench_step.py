@@ -1,7 +1,7 @@
 """What one engine step costs per decoding mode, against what it computes.
 
     python benchmarks/bench_step.py [--batch 1,16] [--modes exact,prefix_cache,dual_cache] [--blocks 2] \
-        [--rounds 2] [--json out.json]
+        [--rounds 2] [--breakdown] [--json out.json]
 
 The demo model (float32, one thread) on a canvas-filling workload: prompts of
 18-22 tokens, 256 generated positions in blocks of 32, one commit per step,
@@ -14,8 +14,11 @@ mode's block start: the whole canvas, storing keys/values) and ``use`` (block
 + suffix, or the block alone, over the stored keys).
 
 Columns, per mode x batch x kind: the median step time (``runner.execute``:
-packing, model, sampler; the thread's CPU time, torch on one thread, so what
-shares the machine does not count) and the model forward's alone; tokens computed per
+packing, model, sampler, the lists handed back; the thread's CPU time, torch
+on one thread, so what shares the machine does not count), the mean (a
+block's first use step also gathers the cached keys the later ones reuse:
+the mean carries that once-per-block cost, the median does not) and the
+model forward's median alone; tokens computed per
 request; ``share`` = tokens computed / canvas tokens (the issue's FLOP share)
 and ``x share`` = step time / (whole-canvas step time at the same batch x
 share), per step, then the median: 1.0 means the step costs exactly its
@@ -26,6 +29,14 @@ against its width, as the demo's, the token share understates what a use
 step must compute). ``ms/req`` compares batch sizes per request. Rounds
 are outermost so cases interleave in time on a shared machine; medians are
 over all rounds' steps.
+
+``--breakdown`` adds one more round with timers around the step's parts and
+prints, per case, the median thread time of each part, exclusive of the
+parts inside it: the GEMMs (``F.linear``: projections, MLP, LM head), the
+attention op, the RMSNorms, the sampler (``StepRows.build`` and
+``denoise_step``) and the rest (rotary, activations, residual adds,
+embedding, packing, the lists handed back, Python). The timers cost a few
+microseconds per call, so these figures are not the table's.
 """
 from __future__ import annotations
 
@@ -45,7 +56,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sampler.params import DiffusionParams  # noqa: E402
 from server.__main__ import bundled_model  # noqa: E402
 from server.engine.llm import LLM  # noqa: E402
+from server.engine import runner as runner_module  # noqa: E402
 from server.engine.runner import plan  # noqa: E402
+from server.models.layers import RMSNorm  # noqa: E402
+from kernels import ops  # noqa: E402
 
 GEN_LENGTH, BLOCK_LENGTH = 256, 32
 PROMPT_LENGTHS = (18, 19, 20, 21, 22)
@@ -72,7 +86,56 @@ def step_flops(model: torch.nn.Module, seqs: list, plans: list) -> float:
     return flops
 
 
-def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str) -> list[dict]:
+class Breakdown:
+    """Thread time per part of a step, each part's exclusive of the parts
+    called inside it, while installed (a context manager)."""
+
+    PARTS = ("linear", "attention", "norms", "sampler", "other")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self._inner: list[float] = []  # per open part: the time of parts inside it so far
+        self._installed: list[tuple[object, str, object]] = []
+
+    def _wrap(self, owner: object, name: str, part: str) -> None:
+        real = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            self._inner.append(0.0)
+            t0 = time.thread_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                elapsed = time.thread_time() - t0
+                self.seconds[part] = self.seconds.get(part, 0.0) + elapsed - self._inner.pop()
+                if self._inner:
+                    self._inner[-1] += elapsed
+
+        self._installed.append((owner, name, real))
+        setattr(owner, name, timed)
+
+    def __enter__(self) -> "Breakdown":
+        self._wrap(torch.nn.functional, "linear", "linear")
+        self._wrap(ops, "varlen_attention", "attention")
+        self._wrap(RMSNorm, "forward", "norms")
+        self._wrap(runner_module, "denoise_step", "sampler")
+        self._wrap(runner_module.StepRows, "build", "sampler")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for owner, name, real in reversed(self._installed):
+            setattr(owner, name, real)
+
+    def take(self, step_seconds: float) -> dict[str, float]:
+        """This step's parts (and resets): what the timers did not see is "other"."""
+        parts = {p: self.seconds.get(p, 0.0) for p in self.PARTS[:-1]}
+        parts["other"] = step_seconds - sum(parts.values())
+        self.seconds = {}
+        return parts
+
+
+def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str,
+              breakdown: Breakdown | None = None) -> list[dict]:
     """Steps of ``batch`` fresh requests: per step its kind, the CPU seconds
     of runner.execute and of the model forward (this thread's: torch runs on
     it alone, so other work on a shared machine does not count), the wall
@@ -103,7 +166,11 @@ def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str) -> lis
         plans = [plan(s) for s in sched.seqs]
         t0, w0 = time.thread_time(), time.perf_counter()
         out = real_execute(sched)
-        steps.append({"kind": kind, "seconds": time.thread_time() - t0, "wall_seconds": time.perf_counter() - w0,
+        seconds = time.thread_time() - t0
+        if breakdown is not None:
+            steps.append({"kind": kind, "seconds": seconds, "parts": breakdown.take(seconds)})
+            return out
+        steps.append({"kind": kind, "seconds": seconds, "wall_seconds": time.perf_counter() - w0,
                       "forward_seconds": forward_s[-1],
                       "num_seqs": len(sched.seqs), "flops": step_flops(model, sched.seqs, plans), "tokens": sum(p.end - p.start for p in plans),
                       "canvas_tokens": sum(len(s.canvas) for s in sched.seqs)})
@@ -134,6 +201,7 @@ def summarize(steps: list[dict]) -> list[dict]:
         ms = median(lambda s: 1e3 * s["seconds"])
         rows.append({
             "mode": mode, "batch": batch, "kind": kind, "steps": len(mine), "step_ms": ms,
+            "mean_step_ms": 1e3 * statistics.mean(s["seconds"] for s in mine),
             "forward_ms": median(lambda s: 1e3 * s["forward_seconds"]), "ms_per_request": ms / batch,
             "tokens_per_request": median(lambda s: s["tokens"] / s["num_seqs"]),
             "share": median(lambda s: s["tokens"] / s["canvas_tokens"]),
@@ -152,6 +220,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=2, help="blocks timed per cache-mode case")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default=None, help="default: the bundled demo model")
+    ap.add_argument("--breakdown", action="store_true", help="one more round: thread time per part of a step")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -178,18 +247,39 @@ def main() -> None:
     print(f"float32, {torch.get_num_threads()} thread; canvas ~{canvas} (gen {GEN_LENGTH}, block {BLOCK_LENGTH}); "
           f"x share = step / (whole-canvas step x tokens computed / canvas); x flop = step / (whole-canvas step x "
           f"FLOPs / its FLOPs)")
-    print(f"{'mode':>12} | {'batch':>5} | {'kind':>5} | {'steps':>5} | {'step ms':>8} | {'ms/req':>7} | "
+    print(f"{'mode':>12} | {'batch':>5} | {'kind':>5} | {'steps':>5} | {'step ms':>8} | {'mean ms':>8} | {'ms/req':>7} | "
           f"{'fwd ms':>7} | {'tok/req':>7} | {'share':>5} | {'x share':>7} | {'flop sh':>7} | {'x flop':>6} | "
           f"{'fwd x flop':>10}")
     for r in rows:
         print(f"{r['mode']:>12} | {r['batch']:>5} | {r['kind']:>5} | {r['steps']:>5} | {r['step_ms']:>8.2f} | "
+              f"{r['mean_step_ms']:>8.2f} | "
               f"{r['ms_per_request']:>7.2f} | {r['forward_ms']:>7.2f} | {r['tokens_per_request']:>7.0f} | "
               f"{r['share']:>5.3f} | {r['x_share']:>7.2f} | {r['flop_share']:>7.3f} | {r['x_flop_share']:>6.2f} | "
               f"{r['forward_x_flop_share']:>10.2f}")
+    parts_rows = []
+    if args.breakdown:
+        with Breakdown() as breakdown:
+            for batch in batches:
+                for mode in modes:
+                    by_kind: dict[str, list[dict]] = {}
+                    for s in time_mode(llm, mode, batch, args.blocks, "parts", breakdown):
+                        by_kind.setdefault(s["kind"], []).append(s)
+                    for kind, mine in by_kind.items():
+                        parts_rows.append({"mode": mode, "batch": batch, "kind": kind,
+                                           "step_ms": 1e3 * statistics.median(s["seconds"] for s in mine),
+                                           **{p: 1e3 * statistics.median(s["parts"][p] for s in mine)
+                                              for p in Breakdown.PARTS}})
+        print("\nwhere the time goes (median thread ms per part, exclusive; timers on):")
+        print(f"{'mode':>12} | {'batch':>5} | {'kind':>5} | {'step ms':>8} | "
+              + " | ".join(f"{p:>9}" for p in Breakdown.PARTS))
+        for r in parts_rows:
+            print(f"{r['mode']:>12} | {r['batch']:>5} | {r['kind']:>5} | {r['step_ms']:>8.2f} | "
+                  + " | ".join(f"{r[p]:>9.2f}" for p in Breakdown.PARTS))
     if args.json:
         meta = {"args": vars(args), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                 "gen_length": GEN_LENGTH, "block_length": BLOCK_LENGTH, "prompt_lengths": PROMPT_LENGTHS}
-        Path(args.json).write_text(json.dumps({**meta, "rows": rows, "steps": steps}, indent=2))
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows, "steps": steps, "breakdown": parts_rows},
+                                              indent=2))
 
 
 if __name__ == "__main__":
