@@ -172,7 +172,8 @@ def time_mode(llm: LLM, mode: str, batch: int, num_blocks: int, tag: str,
             return out
         steps.append({"kind": kind, "seconds": seconds, "wall_seconds": time.perf_counter() - w0,
                       "forward_seconds": forward_s[-1],
-                      "num_seqs": len(sched.seqs), "flops": step_flops(model, sched.seqs, plans), "tokens": sum(p.end - p.start for p in plans),
+                      "num_seqs": len(sched.seqs), "flops": step_flops(model, sched.seqs, plans),
+                      "tokens": sum(p.end - p.start for p in plans),
                       "canvas_tokens": sum(len(s.canvas) for s in sched.seqs)})
         return out
 
@@ -247,8 +248,8 @@ def main() -> None:
     print(f"float32, {torch.get_num_threads()} thread; canvas ~{canvas} (gen {GEN_LENGTH}, block {BLOCK_LENGTH}); "
           f"x share = step / (whole-canvas step x tokens computed / canvas); x flop = step / (whole-canvas step x "
           f"FLOPs / its FLOPs)")
-    print(f"{'mode':>12} | {'batch':>5} | {'kind':>5} | {'steps':>5} | {'step ms':>8} | {'mean ms':>8} | {'ms/req':>7} | "
-          f"{'fwd ms':>7} | {'tok/req':>7} | {'share':>5} | {'x share':>7} | {'flop sh':>7} | {'x flop':>6} | "
+    print(f"{'mode':>12} | {'batch':>5} | {'kind':>5} | {'steps':>5} | {'step ms':>8} | {'mean ms':>8} | "
+          f"{'ms/req':>7} | {'fwd ms':>7} | {'tok/req':>7} | {'share':>5} | {'x share':>7} | {'flop sh':>7} | {'x flop':>6} | "
           f"{'fwd x flop':>10}")
     for r in rows:
         print(f"{r['mode']:>12} | {r['batch']:>5} | {r['kind']:>5} | {r['steps']:>5} | {r['step_ms']:>8.2f} | "
