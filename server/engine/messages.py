@@ -6,7 +6,12 @@ from dataclasses import dataclass, field
 
 @dataclass
 class ScheduledSeq:
-    """One request's denoising step, as the runner needs it."""
+    """One request's denoising step, as the runner needs it.
+
+    The scheduler keeps one per running request and refreshes its per-step
+    fields (rows, quota, seeds, block, cache_action, kv_len, edit_rows,
+    transfer_prob) in place at each ``schedule()``: what a step's output
+    holds is valid until the next ``schedule()``."""
 
     req_id: str
     canvas: list[int]  # prompt + generated part, mask_id where still masked

@@ -60,6 +60,7 @@ class Request:
         p = self.params
         self.prompt_len = len(self.prompt_ids)  # read many times a step; a request's prompt never changes
         self.blocks, padded = block_layout(len(self.prompt_ids), p)  # relative to the generated part
+        self.block_ranges = [(self.prompt_len + b0, self.prompt_len + b1) for b0, b1 in self.blocks]  # absolute
         self.timesteps: list[float] = []
         if p.schedule == "llada2":
             self.block_steps = [min(p.steps, p.gen_length)] * len(self.blocks)  # the reference's cap
@@ -70,6 +71,12 @@ class Request:
             self.block_steps = steps_per_block(p.steps, len(self.blocks))
         self.canvas: list[int] = list(self.prompt_ids) + [self.mask_id] * padded
         self.editing = p.editing_threshold is not None
+        self.uses_cache = p.decoding != "exact"
+        self.is_llada2 = p.schedule == "llada2"
+        # The current block's masked positions, ascending; None = to be scanned. Kept across steps
+        # (a commit removes what it fills, a new block rescans): read several times a step.
+        self._masked: list[int] | None = None
+        self.scheduled = None  # its ScheduledSeq, kept by the scheduler across steps (a persistent batch entry)
         self.post_steps = 0  # editing: steps taken on the current block since it had no mask left
         self.kv_len = 0  # llada2 prefix_cache: canvas positions [0, kv_len) have their keys/values stored
         self.block_idx = 0
@@ -110,7 +117,7 @@ class Request:
         if action is None or action == "fill":
             return self.num_tokens
         b0, b1 = self.block_range
-        if self.params.schedule == "llada2":
+        if self.is_llada2:
             return b1 - (b0 - b0 % self.params.block_length)
         return b1 - b0 if self.params.decoding == "dual_cache" else len(self.canvas) - b0
 
@@ -121,12 +128,7 @@ class Request:
     @property
     def block_range(self) -> tuple[int, int]:
         """Absolute [start, end) of the current block in the canvas."""
-        b0, b1 = self.blocks[self.block_idx]
-        return self.prompt_len + b0, self.prompt_len + b1
-
-    @property
-    def uses_cache(self) -> bool:
-        return self.params.decoding != "exact"
+        return self.block_ranges[self.block_idx]
 
     def cache_action(self) -> str | None:
         """None (no cache), "fill" (the block's first step: the whole canvas,
@@ -140,7 +142,7 @@ class Request:
         """Steps whose quota is 0 commit nothing: pass them without a forward.
         They only end a block (the quota never grows), so jump to its end,
         counting them in step_index, which keys the noise of later steps."""
-        if self.is_done or self.is_adaptive or self.params.schedule == "llada2" or self.quota() > 0:
+        if self.is_done or self.is_adaptive or self.is_llada2 or self.quota() > 0:
             return
         if self.params.schedule == "dream":  # its quota may grow again as the timesteps shrink
             while self.quota() == 0 and self.params.remasking != "origin":
@@ -187,9 +189,12 @@ class Request:
         return step_seed(self.params.seed, self.step_index, 0), step_seed(self.params.seed, self.step_index, 1)
 
     def masked_positions(self) -> list[int]:
-        b0, b1 = self.block_range
-        mask = self.mask_id
-        return [i for i, t in enumerate(self.canvas[b0:b1], b0) if t == mask]
+        """The current block's masked positions, ascending (a list the caller must not change)."""
+        if self._masked is None:
+            b0, b1 = self.block_ranges[self.block_idx]
+            mask = self.mask_id
+            self._masked = [i for i, t in enumerate(self.canvas[b0:b1], b0) if t == mask]
+        return self._masked
 
     def commit(self, positions: list[int], tokens: list[int], logprobs: list[TokenLogprob] | None = None) -> list[int]:
         """Writes committed tokens (and their logprobs, when asked), advances
@@ -198,11 +203,17 @@ class Request:
         # Only token editing asks whether the step began with masks, or re-wrote tokens.
         had_masks = not self.editing or bool(self.masked_positions())
         edited = self.editing and any(self.canvas[pos] != self.mask_id for pos in positions)
-        if self.params.schedule == "llada2" and self.cache_action() == "fill":
+        if self.is_llada2 and self.cache_action() == "fill":
             b0 = self.block_range[0]  # the step stored every finished grid block's keys/values
             self.kv_len = b0 - b0 % self.params.block_length
+        canvas, mask, masked = self.canvas, self.mask_id, self._masked
+        if masked is not None:
+            masked = self._masked = masked.copy()  # a new list: the one handed out before stays as it was
+            b0, b1 = self.block_ranges[self.block_idx]
         for pos, tok in zip(positions, tokens):
-            self.canvas[pos] = tok
+            if masked is not None and canvas[pos] == mask and tok != mask and b0 <= pos < b1:
+                masked.remove(pos)
+            canvas[pos] = tok
         if logprobs is not None and self.token_logprobs is not None:
             for pos, lp in zip(positions, logprobs):
                 self.token_logprobs[pos - self.prompt_len] = lp
@@ -221,7 +232,7 @@ class Request:
             else:
                 self.post_steps += 0 if self.masked_positions() else 1
                 block_over = self.post_steps > self.params.max_post_steps
-        elif self.is_adaptive or self.params.schedule == "llada2":
+        elif self.is_adaptive or self.is_llada2:
             block_over = (not self.masked_positions()
                           or (not self.is_adaptive and self.step_in_block >= self.block_steps[self.block_idx]))
         else:
@@ -230,6 +241,7 @@ class Request:
             self.block_idx += 1
             self.step_in_block = 0
             self.post_steps = 0
+            self._masked = None
 
     def _grow_final(self) -> list[int]:
         """A token is final once it and every position before it are

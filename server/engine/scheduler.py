@@ -200,19 +200,33 @@ class Scheduler:
 
     @staticmethod
     def _scheduled(req: Request) -> ScheduledSeq:
+        """The request's ScheduledSeq for this step. One object per request,
+        built at its first step with the settings that never change; later
+        steps refresh only the per-step fields (a persistent batch entry,
+        as in vLLM's InputBatch: a request's settings are not reshaped every step)."""
         seed, random_seed = req.seeds()
-        p = req.params
-        return ScheduledSeq(
-            req_id=req.req_id, canvas=req.canvas, prompt_len=req.prompt_len,
-            rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
-            top_k=p.top_k, top_p=p.top_p,
-            seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
-            threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
-            cache_action=req.cache_action(), pages=req.pages, schedule=p.schedule,
-            block_length=p.block_length, kv_len=req.kv_len, edit_rows=req.edit_positions(),
-            editing_threshold=p.editing_threshold or 0.0, transfer_prob=req.transfer_prob(), alg_temp=p.alg_temp,
-            num_logprobs=p.logprobs,
-        )
+        s = req.scheduled
+        if s is None:
+            p = req.params
+            s = req.scheduled = ScheduledSeq(
+                req_id=req.req_id, canvas=req.canvas, prompt_len=req.prompt_len,
+                rows=req.masked_positions(), quota=req.quota(), temperature=p.temperature,
+                top_k=p.top_k, top_p=p.top_p,
+                seed=seed, random_seed=random_seed, remasking=p.remasking, cfg_scale=p.cfg_scale,
+                threshold=p.threshold, factor=p.factor, block=req.block_range, decoding=p.decoding,
+                cache_action=req.cache_action(), pages=req.pages, schedule=p.schedule,
+                block_length=p.block_length, kv_len=req.kv_len, edit_rows=req.edit_positions(),
+                editing_threshold=p.editing_threshold or 0.0, transfer_prob=req.transfer_prob(),
+                alg_temp=p.alg_temp, num_logprobs=p.logprobs,
+            )
+            return s
+        s.rows, s.quota, s.seed, s.random_seed = req.masked_positions(), req.quota(), seed, random_seed
+        s.block, s.cache_action, s.kv_len = req.block_range, req.cache_action(), req.kv_len
+        if req.editing:
+            s.edit_rows = req.edit_positions()
+        if req.timesteps:
+            s.transfer_prob = req.transfer_prob()
+        return s
 
     def update(self, result: RunnerOutput) -> list[RequestOutput]:
         """Applies a step's commits; finishes and frees the requests that are
