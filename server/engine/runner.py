@@ -18,6 +18,7 @@ What each sequence puts through the model depends on its decoding mode:
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,11 +44,24 @@ class SeqPlan:
     first_slot: int = 0  # the slot of stored[0] in the request's pages
 
 
-def as_long(values: list[int], device: torch.device) -> torch.Tensor:
-    """A host list of ints as an int64 tensor on ``device``: numpy reads a
-    list several times faster than ``torch.tensor`` does (host time per step)."""
-    host = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
+def as_long(values: list[int] | np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host ints as an int64 tensor on ``device``: numpy reads a list
+    several times faster than ``torch.tensor`` does (host time per step)."""
+    if isinstance(values, np.ndarray):
+        host = torch.from_numpy(values.astype(np.int64, copy=False))
+    else:
+        host = torch.from_numpy(np.fromiter(values, dtype=np.int64, count=len(values)))
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
+
+
+def flat_ints(lists: list[list[int]], total: int) -> np.ndarray:
+    """The lists end to end, as one int64 array of ``total`` values."""
+    return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
+
+
+# A sequence's sampler settings, in StepRows.build's order: one C-level pass over the batch per step.
+_STEP_SETTINGS = operator.attrgetter("quota", "temperature", "seed", "random_seed", "remasking", "top_k", "top_p",
+                                     "threshold", "factor", "schedule", "alg_temp", "transfer_prob")
 
 
 def plan(s: ScheduledSeq) -> SeqPlan:
@@ -106,26 +120,29 @@ class ModelRunner:
         if not seqs and not sched.scores:
             return RunnerOutput()
         plans = [plan(s) for s in seqs]
+        lens = [p.end - p.start for p in plans]
         width = None  # a static step's tokens per sequence, when it is padded to its bucket
         if self.bucket_sizes is not None and not sched.scores:
-            width = static_width(seqs, [p.end - p.start for p in plans])
+            width = static_width(seqs, lens)
+        # Every sequence's canvas slice end to end; positions and the rows that get logits built in numpy
+        # over the whole batch (no per-row Python: host time per step).
+        cu_seqlens = [0, *itertools.accumulate(lens)]
         ids: list[int] = []
-        positions: list[np.ndarray] = []  # per packed sequence
-        cu_seqlens = [0]
-        cond_rows: list[int] = []  # packed index of every row's logits
-        uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
         for s, p in zip(seqs, plans):
-            start = cu_seqlens[-1]
             ids += s.canvas[p.start:p.end]
-            positions.append(np.arange(p.start, p.end))
-            cu_seqlens.append(start + p.end - p.start)
-            off = start - p.start
-            cond_rows += [off + r for r in (sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows)]
+        # packed index - canvas position, per sequence
+        shift = np.asarray(cu_seqlens[:-1], dtype=np.int64) - np.fromiter((p.start for p in plans), np.int64, len(plans))
+        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - np.repeat(shift, lens)]
+        seq_rows = [sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows for s in seqs]  # each in canvas order
+        row_counts = [len(r) for r in seq_rows]
+        flat_rows = flat_ints(seq_rows, sum(row_counts))  # every row's canvas position
+        cond_rows = flat_rows + np.repeat(shift, row_counts)  # its packed index
+        uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
         num_pad = 0
         if width is not None:  # padding sequences: blocks of masks that attend only to themselves
             num_pad = bucket_for(len(seqs), self.bucket_sizes) - len(seqs)
             real_rows = cond_rows
-            cond_rows = list(range(cu_seqlens[-1] + num_pad * width))  # the LM head on every token: static
+            cond_rows = np.arange(cu_seqlens[-1] + num_pad * width)  # the LM head on every token: static
             ids += [self.mask_id] * (num_pad * width)
             positions += [np.arange(width)] * num_pad
             cu_seqlens += [cu_seqlens[-1] + width * (i + 1) for i in range(num_pad)]
@@ -139,7 +156,7 @@ class ModelRunner:
 
         # Rows per packed sequence (conditional canvases, then unconditional
         # ones), ascending: the last layer computes only these rows.
-        row_counts = [len(s.rows) + len(s.edit_rows) for s in seqs] + [len(s.rows) for s in seqs if s.cfg_scale > 0]
+        row_counts += [len(s.rows) for s in seqs if s.cfg_scale > 0]
         if width is not None:
             row_counts = [width] * (len(seqs) + num_pad)
         score_rows: list[int] = []
@@ -165,7 +182,7 @@ class ModelRunner:
                 as_long(ids, dev),
                 torch.from_numpy(flat_positions).to(dev),
                 cu_seqlens,
-                as_long(cond_rows + uncond_rows + score_rows, dev),
+                as_long(np.concatenate([cond_rows, np.asarray(uncond_rows + score_rows, dtype=np.int64)]), dev),
                 self._cache_view(seqs, plans, cu_seqlens),
                 logits_cu_seqlens=rows_cu,
                 **self._causal_blocks(seqs, len(cu_seqlens) - 1),
@@ -186,25 +203,50 @@ class ModelRunner:
         if any(s.edit_rows for s in seqs):
             logits, edits = self._edit(logits, seqs, vocab)
 
+        quotas, temperatures, seeds, random_seeds, remasking, top_ks, top_ps, thresholds, factors, schedules, \
+            alg_temps, transfer_probs = (list(c) for c in zip(*map(_STEP_SETTINGS, seqs)))
         rows = StepRows.build(
-            row_offsets=[[p - s.prompt_len for p in s.rows] for s in seqs],
-            quotas=[s.quota for s in seqs],
-            temperatures=[s.temperature for s in seqs],
-            seeds=[s.seed for s in seqs],
-            random_seeds=[s.random_seed for s in seqs],
-            remasking=[s.remasking for s in seqs],
-            device=dev,
-            top_ks=[s.top_k for s in seqs],
-            top_ps=[s.top_p for s in seqs],
-            thresholds=[s.threshold for s in seqs],
-            factors=[s.factor for s in seqs],
-            schedules=[s.schedule for s in seqs],
-            alg_temps=[s.alg_temp for s in seqs],
-            transfer_probs=[s.transfer_prob for s in seqs],
+            row_offsets=[[p - s.prompt_len for p in s.rows] for s in seqs], quotas=quotas, temperatures=temperatures,
+            seeds=seeds, random_seeds=random_seeds, remasking=remasking, device=dev, top_ks=top_ks, top_ps=top_ps,
+            thresholds=thresholds, factors=factors, schedules=schedules, alg_temps=alg_temps,
+            transfer_probs=transfer_probs,
         )
         x0, commit, prob = denoise_step(logits, rows, vocab)
-        x0, commit, prob = x0.tolist(), commit.tolist(), prob.tolist()
+        if edits:
+            self._commits_with_edits(seqs, x0.tolist(), commit.tolist(), prob.tolist(), edits, out)
+        else:
+            self._commits(seqs, flat_rows if logits is row_logits else None, x0, commit, prob, out)
+        if any(s.num_logprobs is not None for s in seqs):
+            out.logprobs = self._logprobs(row_logits, seqs, out.commits, vocab)
+        return out
 
+    @staticmethod
+    def _commits(seqs: list[ScheduledSeq], flat_rows: np.ndarray | None, x0: torch.Tensor, commit: torch.Tensor,
+                 prob: torch.Tensor, out: RunnerOutput) -> None:
+        """Each sequence's committed positions, tokens and confidences into
+        ``out`` (an entry for every sequence, empty if it committed nothing).
+        Rows are each sequence's masked positions, ascending: a sequence's
+        commits come out in canvas order. ``flat_rows``: every sequence's
+        rows end to end, when the caller has them. The step's three vectors
+        come to the host whole; only the committed rows become Python objects."""
+        picked = np.flatnonzero(commit.cpu().numpy())  # (num_committed,) ascending row indices
+        tokens, probs = x0.cpu().numpy()[picked].tolist(), prob.cpu().numpy()[picked].tolist()
+        counts = [len(s.rows) for s in seqs]
+        if flat_rows is None:
+            flat_rows = flat_ints([s.rows for s in seqs], sum(counts))
+        positions = flat_rows[picked].tolist()
+        cuts = np.searchsorted(picked, list(itertools.accumulate(counts))).tolist()  # seq -> end of its commits
+        j = 0
+        for s, k in zip(seqs, cuts):
+            out.commits[s.req_id] = (positions[j:k], tokens[j:k])
+            out.confidences[s.req_id] = probs[j:k]
+            j = k
+
+    @staticmethod
+    def _commits_with_edits(seqs: list[ScheduledSeq], x0: list[int], commit: list[bool], prob: list[float],
+                            edits: dict[str, list[tuple[int, int, float]]], out: RunnerOutput) -> None:
+        """``_commits`` when some sequence re-writes decoded tokens (LLaDA2.1):
+        its commits and edits merged in canvas order."""
         i = 0
         pick = itertools.compress
         for s in seqs:
@@ -220,9 +262,6 @@ class ModelRunner:
                 out.commits[s.req_id] = ([p for p, _, _ in picked], [t for _, t, _ in picked])
                 out.confidences[s.req_id] = [c for _, _, c in picked]
             i += n
-        if any(s.num_logprobs is not None for s in seqs):
-            out.logprobs = self._logprobs(row_logits, seqs, out.commits, vocab)
-        return out
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, seqs: list[ScheduledSeq], commits: dict[str, tuple[list[int], list[int]]],
@@ -310,10 +349,11 @@ class ModelRunner:
             return None
         page_size = self.kv_cache.page_size
         num_packed = len(cu_seqlens) - 1  # unconditional canvases (cfg) follow seqs and use no cache
-        max_pages = max(len(s.pages) for s in seqs) or 1
-        table = np.zeros((num_packed, max_pages), dtype=np.int32)  # padding and cfg rows: page 0, never read
-        for i, s in enumerate(seqs):
-            table[i, :len(s.pages)] = s.pages
+        num_pages = np.zeros(num_packed, dtype=np.int64)
+        num_pages[:len(seqs)] = [len(s.pages) for s in seqs]
+        table = np.zeros((num_packed, int(num_pages.max()) or 1), dtype=np.int32)  # padding, cfg rows: page 0, never read
+        # Each row's first num_pages entries, filled in row-major order from the pages end to end.
+        table[np.arange(table.shape[1]) < num_pages[:, None]] = flat_ints([s.pages for s in seqs], int(num_pages.sum()))
         cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
         dev = self.device
         slots = None  # a step of use steps only stores nothing
