@@ -121,8 +121,9 @@ class Scheduler:
         """
         out = SchedulerOutput()
         self.num_steps += 1
-        use_sum = sum(use_tokens(r) for r in self.running)
-        max_extra = max((r.num_tokens - use_tokens(r) for r in self.running), default=0)
+        if self.waiting and len(self.running) < self.config.max_num_seqs:  # sums over the batch: only to admit
+            use_sum = sum(use_tokens(r) for r in self.running)
+            max_extra = max((r.num_tokens - use_tokens(r) for r in self.running), default=0)
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             try:
