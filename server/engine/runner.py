@@ -130,13 +130,13 @@ class ModelRunner:
         ids: list[int] = []
         for s, p in zip(seqs, plans):
             ids += s.canvas[p.start:p.end]
-        # packed index - canvas position, per sequence
-        shift = np.asarray(cu_seqlens[:-1], dtype=np.int64) - np.fromiter((p.start for p in plans), np.int64, len(plans))
-        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - np.repeat(shift, lens)]
+        # Array methods, not numpy's module functions: those add microseconds of Python each (host time at batch 1).
+        shift = np.array([c - p.start for c, p in zip(cu_seqlens, plans)], dtype=np.int64)  # packed index - position
+        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - shift.repeat(lens)]
         seq_rows = [sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows for s in seqs]  # each in canvas order
         row_counts = [len(r) for r in seq_rows]
         flat_rows = flat_ints(seq_rows, sum(row_counts))  # every row's canvas position
-        cond_rows = flat_rows + np.repeat(shift, row_counts)  # its packed index
+        cond_rows = flat_rows + shift.repeat(row_counts)  # its packed index
         uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
         num_pad = 0
         if width is not None:  # padding sequences: blocks of masks that attend only to themselves
@@ -171,7 +171,8 @@ class ModelRunner:
             row_counts += pack.row_counts
         rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
-        flat_positions = np.concatenate(positions).astype(np.int64, copy=False)
+        flat_positions = (np.concatenate(positions) if len(positions) > 1 else positions[0]).astype(np.int64, copy=False)
+        extra_rows = uncond_rows + score_rows
         if width is not None and self.graphs is not None \
                 and self.graphs.fits(len(seqs) + num_pad, width, max(len(s.pages) for s in seqs)):
             # (bucket * width, vocab): the captured step, replayed on this step's inputs
@@ -182,7 +183,7 @@ class ModelRunner:
                 as_long(ids, dev),
                 torch.from_numpy(flat_positions).to(dev),
                 cu_seqlens,
-                as_long(np.concatenate([cond_rows, np.asarray(uncond_rows + score_rows, dtype=np.int64)]), dev),
+                as_long(np.concatenate([cond_rows, extra_rows]) if extra_rows else cond_rows, dev),
                 self._cache_view(seqs, plans, cu_seqlens),
                 logits_cu_seqlens=rows_cu,
                 **self._causal_blocks(seqs, len(cu_seqlens) - 1),
@@ -229,13 +230,13 @@ class ModelRunner:
         commits come out in canvas order. ``flat_rows``: every sequence's
         rows end to end, when the caller has them. The step's three vectors
         come to the host whole; only the committed rows become Python objects."""
-        picked = np.flatnonzero(commit.cpu().numpy())  # (num_committed,) ascending row indices
+        picked = commit.cpu().numpy().nonzero()[0]  # (num_committed,) ascending row indices
         tokens, probs = x0.cpu().numpy()[picked].tolist(), prob.cpu().numpy()[picked].tolist()
         counts = [len(s.rows) for s in seqs]
         if flat_rows is None:
             flat_rows = flat_ints([s.rows for s in seqs], sum(counts))
         positions = flat_rows[picked].tolist()
-        cuts = np.searchsorted(picked, list(itertools.accumulate(counts))).tolist()  # seq -> end of its commits
+        cuts = picked.searchsorted(list(itertools.accumulate(counts))).tolist()  # seq -> end of its commits
         j = 0
         for s, k in zip(seqs, cuts):
             out.commits[s.req_id] = (positions[j:k], tokens[j:k])
@@ -349,11 +350,14 @@ class ModelRunner:
             return None
         page_size = self.kv_cache.page_size
         num_packed = len(cu_seqlens) - 1  # unconditional canvases (cfg) follow seqs and use no cache
-        num_pages = np.zeros(num_packed, dtype=np.int64)
-        num_pages[:len(seqs)] = [len(s.pages) for s in seqs]
-        table = np.zeros((num_packed, int(num_pages.max()) or 1), dtype=np.int32)  # padding, cfg rows: page 0, never read
-        # Each row's first num_pages entries, filled in row-major order from the pages end to end.
-        table[np.arange(table.shape[1]) < num_pages[:, None]] = flat_ints([s.pages for s in seqs], int(num_pages.sum()))
+        num_pages = [len(s.pages) for s in seqs] + [0] * (num_packed - len(seqs))
+        max_pages = max(num_pages) or 1
+        pages = flat_ints([s.pages for s in seqs], sum(num_pages))  # every sequence's pages end to end
+        if num_pages[-1] == max_pages and num_pages.count(max_pages) == num_packed:  # equal canvases: one reshape
+            table = pages.astype(np.int32).reshape(num_packed, max_pages)
+        else:  # padding, cfg rows and shorter tables: page 0, never read
+            table = np.zeros((num_packed, max_pages), dtype=np.int32)
+            table[np.arange(max_pages) < np.array(num_pages)[:, None]] = pages  # each row's first pages, row-major
         cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
         dev = self.device
         slots = None  # a step of use steps only stores nothing
