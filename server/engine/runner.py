@@ -54,6 +54,11 @@ def as_long(values: list[int] | np.ndarray, device: torch.device) -> torch.Tenso
     return host if device.type == "cpu" else host.to(device, non_blocking=True)
 
 
+def host_array(t: torch.Tensor) -> np.ndarray:
+    """A tensor's values in numpy (a view on the CPU, a copy from a device)."""
+    return t.numpy() if t.is_cpu else t.cpu().numpy()
+
+
 def flat_ints(lists: list[list[int]], total: int) -> np.ndarray:
     """The lists end to end, as one int64 array of ``total`` values."""
     return np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=total)
@@ -181,7 +186,7 @@ class ModelRunner:
         else:
             logits = self.model(  # (len(cond_rows) + len(uncond_rows) + len(score_rows), vocab)
                 as_long(ids, dev),
-                torch.from_numpy(flat_positions).to(dev),
+                as_long(flat_positions, dev),
                 cu_seqlens,
                 as_long(np.concatenate([cond_rows, extra_rows]) if extra_rows else cond_rows, dev),
                 self._cache_view(seqs, plans, cu_seqlens),
@@ -205,7 +210,7 @@ class ModelRunner:
             logits, edits = self._edit(logits, seqs, vocab)
 
         quotas, temperatures, seeds, random_seeds, remasking, top_ks, top_ps, thresholds, factors, schedules, \
-            alg_temps, transfer_probs = (list(c) for c in zip(*map(_STEP_SETTINGS, seqs)))
+            alg_temps, transfer_probs = map(list, zip(*map(_STEP_SETTINGS, seqs)))
         rows = StepRows.build(
             row_offsets=[[p - s.prompt_len for p in s.rows] for s in seqs], quotas=quotas, temperatures=temperatures,
             seeds=seeds, random_seeds=random_seeds, remasking=remasking, device=dev, top_ks=top_ks, top_ps=top_ps,
@@ -230,8 +235,8 @@ class ModelRunner:
         commits come out in canvas order. ``flat_rows``: every sequence's
         rows end to end, when the caller has them. The step's three vectors
         come to the host whole; only the committed rows become Python objects."""
-        picked = commit.cpu().numpy().nonzero()[0]  # (num_committed,) ascending row indices
-        tokens, probs = x0.cpu().numpy()[picked].tolist(), prob.cpu().numpy()[picked].tolist()
+        picked = host_array(commit).nonzero()[0]  # (num_committed,) ascending row indices
+        tokens, probs = host_array(x0)[picked].tolist(), host_array(prob)[picked].tolist()
         counts = [len(s.rows) for s in seqs]
         if flat_rows is None:
             flat_rows = flat_ints([s.rows for s in seqs], sum(counts))
