@@ -93,6 +93,10 @@ class Request:
         self.token_logprobs: list[TokenLogprob | None] | None = \
             [None] * (len(self.canvas) - self.prompt_len) if p.logprobs is not None else None
         self.max_use_tokens = self._max_use_tokens()  # fixed by the params and blocks; read every step
+        # Whether a step may have nothing to commit (skip_empty_steps' work; checked every step): never
+        # with an adaptive rule or LLaDA2's schedule, with LLaDA's only in a block given more steps than positions.
+        self.may_skip_steps = not self.is_adaptive and not self.is_llada2 and (
+            p.schedule == "dream" or any(n > b1 - b0 for n, (b0, b1) in zip(self.block_steps, self.blocks)))
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +146,7 @@ class Request:
         """Steps whose quota is 0 commit nothing: pass them without a forward.
         They only end a block (the quota never grows), so jump to its end,
         counting them in step_index, which keys the noise of later steps."""
-        if self.is_done or self.is_adaptive or self.is_llada2 or self.quota() > 0:
+        if not self.may_skip_steps or self.is_done or self.quota() > 0:
             return
         if self.params.schedule == "dream":  # its quota may grow again as the timesteps shrink
             while self.quota() == 0 and self.params.remasking != "origin":
@@ -207,13 +211,16 @@ class Request:
             b0 = self.block_range[0]  # the step stored every finished grid block's keys/values
             self.kv_len = b0 - b0 % self.params.block_length
         canvas, mask, masked = self.canvas, self.mask_id, self._masked
-        if masked is not None:
+        if masked is not None and positions:
             masked = self._masked = masked.copy()  # a new list: the one handed out before stays as it was
             b0, b1 = self.block_ranges[self.block_idx]
-        for pos, tok in zip(positions, tokens):
-            if masked is not None and canvas[pos] == mask and tok != mask and b0 <= pos < b1:
-                masked.remove(pos)
-            canvas[pos] = tok
+            for pos, tok in zip(positions, tokens):
+                if canvas[pos] == mask and tok != mask and b0 <= pos < b1:
+                    masked.remove(pos)
+                canvas[pos] = tok
+        else:
+            for pos, tok in zip(positions, tokens):
+                canvas[pos] = tok
         if logprobs is not None and self.token_logprobs is not None:
             for pos, lp in zip(positions, logprobs):
                 self.token_logprobs[pos - self.prompt_len] = lp
@@ -250,6 +257,8 @@ class Request:
         start = self.num_final
         gen = self.canvas
         n = self.prompt_len + self.num_final
+        if n < len(gen) and gen[n] == self.mask_id:  # the first open position is still masked: nothing new
+            return []
         limit = self.prompt_len + self.params.gen_length  # LLaDA2's padding past it is never answer
         if self.editing and self.block_idx < len(self.blocks):
             limit = min(limit, self.block_range[0])  # the current block may still be edited

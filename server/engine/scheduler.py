@@ -260,17 +260,18 @@ class Scheduler:
         committed = result.commits.get(req.req_id)
         new_ids: list[int] = []
         if committed is not None:
-            new_ids = req.commit(*committed, result.logprobs.get(req.req_id))
-            if req.first_token_time is None and new_ids:
+            new_ids = req.commit(*committed, result.logprobs.get(req.req_id) if result.logprobs else None)
+            if new_ids and req.first_token_time is None:
                 req.first_token_time = time.monotonic()
         if req.is_done:
             req.status = req.finish_status()
             self.running.remove(req)
             self._release(req)
-        if committed is None and not req.status.is_finished:
+        finished = req.status.is_finished
+        if committed is None and not finished:
             return None
         return RequestOutput(
-            req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids, finished=req.status.is_finished,
-            finish_reason=req.status.value if req.status.is_finished else None, committed=committed,
+            req_id=req.req_id, new_token_ids=new_ids, token_ids=req.output_ids, finished=finished,
+            finish_reason=req.status.value if finished else None, committed=committed,
             confidences=result.confidences.get(req.req_id), num_steps=req.num_forward_steps,
             logprobs=req.output_logprobs)

@@ -39,6 +39,7 @@ def fresh(req: Request) -> ScheduledSeq:
 
 PARAMS = {
     "llada": DiffusionParams(gen_length=24, steps=12, block_length=8, decoding="dual_cache", seed=1),
+    "empty-steps": DiffusionParams(gen_length=16, steps=40, block_length=8, seed=5),  # zero-quota steps skipped
     "threshold": DiffusionParams(gen_length=24, steps=24, block_length=8, remasking="threshold", seed=2),
     "llada2-editing": DiffusionParams(gen_length=20, steps=6, block_length=8, schedule="llada2",
                                       editing_threshold=0.5, decoding="prefix_cache", seed=3),
