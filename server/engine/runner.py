@@ -176,7 +176,7 @@ class ModelRunner:
             row_counts += pack.row_counts
         rows_cu = [0, *itertools.accumulate(row_counts)]
         dev = self.device
-        flat_positions = (np.concatenate(positions) if len(positions) > 1 else positions[0]).astype(np.int64, copy=False)
+        flat_positions = np.concatenate(positions) if len(positions) > 1 else positions[0]
         extra_rows = uncond_rows + score_rows
         if width is not None and self.graphs is not None \
                 and self.graphs.fits(len(seqs) + num_pad, width, max(len(s.pages) for s in seqs)):
