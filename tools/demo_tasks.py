@@ -3,14 +3,19 @@
 | task | user message | assistant reply |
 | --- | --- | --- |
 | add | ``add: 123 + 45`` | ``168`` (operands of 2-3 digits) |
-| reverse | ``reverse: apple banana cherry`` | ``cherry banana apple`` (3-8 words from ``WORDS``) |
+| reverse | ``reverse: apple banana cherry`` | ``cherry banana apple`` (3-8 words from ``TaskSet.reversal_words``) |
 | sort | ``sort: 5 3 9`` | ``3 5 9`` (3-8 numbers in 0..99, ascending) |
 | continue | ``continue: <first half of a KJV verse>`` | the rest of the verse |
 
-``reverse_unseen`` (evaluation only) reverses 3-8 words of the KJV corpus's
-vocabulary that no training list ever held (not in ``WORDS``): whether
-reversal generalises beyond the words it was trained on
-(``unseen_reversal_items``).
+Reversal lists draw from the KJV corpus's whole vocabulary (plain lower-case
+words of 2-10 letters) plus ``WORDS`` (everyday nouns the corpus lacks, for
+the playground's examples), less the held-out words: 1 in 16 corpus words
+outside ``WORDS``, by a hash of the word. ``reverse_unseen`` (evaluation
+only) reverses 3-8 held-out words of 3-8 letters, which no training list
+ever held: whether reversal generalises beyond the words it was trained on
+(``unseen_reversal_items``). The shipped model before this split trained on
+``WORDS`` alone, and the held-out words are outside ``WORDS``, so the set is
+unseen for both.
 
 Held-out items are disjoint from training by construction: an item is
 held out when a hash of its task and key (the prompt; for ``continue`` the
@@ -32,6 +37,8 @@ TASKS = ("add", "reverse", "sort", "continue")
 UNSEEN_REVERSE = "reverse_unseen"  # evaluation only: reversal of words no training list held
 UNSEEN_WORD_LETTERS = (3, 8)  # unseen words are plain lower-case words of this many letters
 HELDOUT_BUCKETS = 16  # 1 in 16 synthetic prompts is held out
+WORD_HELDOUT_BUCKETS = 16  # 1 in 16 corpus words outside WORDS is never in a reversal training list
+REVERSAL_WORD_LETTERS = (2, 10)  # reversal training lists: plain lower-case words of this many letters
 VERSE_HELDOUT_BUCKETS = 50  # 1 in 50 verses is held out (also from pretraining)
 CONTINUE_WORDS = (8, 20)  # verses used for continuation have this many words
 
@@ -77,12 +84,25 @@ def is_heldout_verse(ref: str) -> bool:
     return _bucket(f"verse\n{ref}", VERSE_HELDOUT_BUCKETS) == 0
 
 
-def _synthetic(task: str, rng: random.Random) -> Item:
+def is_heldout_word(word: str) -> bool:
+    """Whether ``word`` is kept out of every reversal training list (never one of ``WORDS``)."""
+    return word not in WORDS and _bucket(f"word\n{word}", WORD_HELDOUT_BUCKETS) == 0
+
+
+def reversal_words(verses: list[demo_data.Verse]) -> tuple[str, ...]:
+    """What reversal training lists draw from: the corpus's plain lower-case
+    words of 2-10 letters and ``WORDS``, less the held-out words; sorted."""
+    lo, hi = REVERSAL_WORD_LETTERS
+    corpus = {w for w in demo_data.corpus_vocabulary(verses) if w.isalpha() and lo <= len(w) <= hi}
+    return tuple(sorted(w for w in corpus | set(WORDS) if not is_heldout_word(w)))
+
+
+def _synthetic(task: str, rng: random.Random, words: tuple[str, ...] = WORDS) -> Item:
     if task == "add":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         prompt, answer = f"add: {a} + {b}", str(a + b)
     elif task == "reverse":
-        ws = rng.sample(WORDS, rng.randint(3, 8))
+        ws = rng.sample(words, rng.randint(3, 8))
         prompt, answer = "reverse: " + " ".join(ws), " ".join(reversed(ws))
     elif task == "sort":
         ns = [rng.randint(0, 99) for _ in range(rng.randint(3, 8))]
@@ -107,13 +127,14 @@ class TaskSet:
         usable = [v for v in verses if lo <= len(v.text.split()) <= hi]
         self.train_verses = [v for v in usable if not is_heldout_verse(v.ref)]
         self.heldout_verses = [v for v in usable if is_heldout_verse(v.ref)]
+        self.words = reversal_words(verses)
 
     def sample(self, task: str, rng: random.Random) -> Item:
         """A random training item (never a held-out one)."""
         if task == "continue":
             return continuation(rng.choice(self.train_verses))
         while True:
-            item = _synthetic(task, rng)
+            item = _synthetic(task, rng, self.words)
             if not is_heldout(task, item.key):
                 return item
 
@@ -126,7 +147,7 @@ class TaskSet:
             raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
         rng, items, seen = random.Random(f"heldout-{task}"), [], set()
         while len(items) < n:
-            item = _synthetic(task, rng)
+            item = _synthetic(task, rng, self.words)
             if is_heldout(task, item.key) and item.key not in seen:
                 seen.add(item.key)
                 items.append(item)
@@ -134,13 +155,12 @@ class TaskSet:
 
 
 def unseen_words(verses: list[demo_data.Verse]) -> list[str]:
-    """Words of the KJV corpus's vocabulary that no reversal training list
-    held (training lists draw only from ``WORDS``): plain lower-case words
-    (no apostrophes) of 3-8 letters, sorted."""
+    """Held-out words of the KJV corpus's vocabulary (``is_heldout_word``),
+    which no reversal training list held: plain lower-case words (no
+    apostrophes) of 3-8 letters, sorted."""
     lo, hi = UNSEEN_WORD_LETTERS
-    seen = set(WORDS)
     return sorted(w for w in demo_data.corpus_vocabulary(verses)
-                  if w.isalpha() and lo <= len(w) <= hi and w not in seen)
+                  if w.isalpha() and lo <= len(w) <= hi and is_heldout_word(w))
 
 
 def unseen_reversal_items(n: int, verses: list[demo_data.Verse] | None = None) -> list[Item]:

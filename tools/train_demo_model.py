@@ -50,8 +50,11 @@ SFT_BATCH, CANVAS, MAX_CANVAS, LONG_CANVAS = 64, 32, 64, 256
 # masks), the rest up to MAX_CANVAS.
 TIGHT_SHARE, TIGHT_SLACK, LONG_SHARE = 0.5, 4, 0.1
 # Reversal gets most of the SFT budget: it is the task a model this small
-# learns first (a copy circuit), so it is the shipped model's showcase.
-TASK_WEIGHTS = {"reverse": 0.6, "sort": 0.15, "add": 0.1, "continue": 0.15}
+# learns first (a copy circuit), so it is the shipped model's showcase. Its
+# lists draw from the whole corpus vocabulary (demo_tasks.reversal_words), so
+# no word list can be memorised; addition (0% at 90 minutes on 0.1 of the
+# budget) gives it some of its share.
+TASK_WEIGHTS = {"reverse": 0.7, "sort": 0.1, "add": 0.05, "continue": 0.15}
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.")
 LR = {"pretrain": 1.5e-3, "sft": 1e-3}
 WARMUP_STEPS = 100
@@ -289,6 +292,7 @@ def main() -> None:
     bounds = {"pretrain": (0.0, budget * args.pretrain_share), "sft": (budget * args.pretrain_share, budget)}
     model.train()
     last_save, last_eval = time.monotonic(), st["elapsed"]
+    unseen_quick = demo_tasks.unseen_reversal_items(16, verses)
     for phase in ("pretrain", "sft"):
         if phase == "pretrain" and st["phase"] == "sft":
             continue
@@ -326,12 +330,14 @@ def main() -> None:
             now = time.monotonic()
             if phase == "sft" and st["elapsed"] - last_eval > EVAL_EVERY_S:
                 c1 = budget_clock()
-                scores = quick_eval(model, data, 16, vocabulary)
+                scores = quick_eval(model, data, 16, vocabulary, unseen_quick)
                 st["elapsed"] += budget_clock() - c1
                 st["wall"] += time.monotonic() - now
                 tqdm.write(f"[{st['elapsed'] / 60:.1f} min, step {st['step']}, loss {ema:.3f}] eval: "
                            + ", ".join(f"{k} {v['accuracy']:.2f}" for k, v in scores.items())
                            + f", real words {scores['continue']['real_words']:.2f}; {scores['reverse']['example']}")
+                st.setdefault("evals", []).append({"step": st["step"], "minutes": round(st["elapsed"] / 60, 2),
+                                                   **{k: v["accuracy"] for k, v in scores.items()}})
                 last_eval = st["elapsed"]
             if now - last_save > SAVE_EVERY_S:
                 save_state(state_path, {"run_key": run_key, "model": model.state_dict(), "opt": opt.state_dict(),
