@@ -5,8 +5,8 @@
 Exact-match accuracy per synthetic task (add, reverse, sort, continue), and
 for verse continuation also the share of generated words that are real
 corpus words. ``reverse_unseen`` is reported separately: reversing KJV words
-that no training list held (the reversal training lists draw only from
-``tools/demo_tasks.WORDS``), so it measures whether reversal generalises. Decoding options are the CLI's (--gen-length, --steps,
+that no training list held (``tools/demo_tasks.is_heldout_word``: 1 in 16
+corpus words by hash), so it measures whether reversal generalises. Decoding options are the CLI's (--gen-length, --steps,
 --block-length, --temperature, --remasking, --threshold, --factor,
 --decoding, --seed). All items of all tasks run as one ragged batch.
 JSON: {"tasks": {name: {"accuracy", "n"}}, "tokens_per_second", "decoding": {...}}.

@@ -106,17 +106,38 @@ def test_server_chat_on_the_demo_model():
 
 
 def test_unseen_reversal_words_were_never_in_a_training_list():
-    """benchmarks/eval_tasks.py's reverse_unseen set: corpus words outside
-    the reversal training lists (demo_tasks.WORDS), in the training format."""
+    """benchmarks/eval_tasks.py's reverse_unseen set: 1 in 16 corpus words,
+    chosen by a hash, never drawn into a reversal training list (which draws
+    from the rest of the corpus vocabulary and demo_tasks.WORDS); the set
+    is asked in the training format."""
+    import hashlib
+    import random
+
     from tools import demo_tasks
     from tools.demo_data import Verse
 
-    verses = [Verse("Genesis 1:1", "And the apple of Aaron's eye, LORD; lo, a river of Zion."),
-              Verse("Genesis 1:2", "Behold thy servant cometh unto the mountain of Moriah.")]
+    def held_out(w):  # an independent statement of the split: sha256 of "word\n<w>", first 8 bytes, mod 16
+        return int.from_bytes(hashlib.sha256(f"word\n{w}".encode()).digest()[:8], "little") % 16 == 0
+
+    rng = random.Random(0)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    made = ["".join(rng.choice(letters) for _ in range(rng.randint(3, 8))) for _ in range(2000)]
+    verses = [Verse(f"Genesis 1:{i + 1}", " ".join(made[i * 20:(i + 1) * 20]).capitalize() + ", LORD; lo, Aaron's eye.")
+              for i in range(100)]
+    expected = sorted(w for w in set(made) | {"lord"} if held_out(w) and w not in demo_tasks.WORDS)
     words = demo_tasks.unseen_words(verses)
-    assert words == sorted({"and", "the", "eye", "lord", "zion", "behold", "thy", "servant", "cometh", "unto",
-                            "moriah"})  # not apple/river/mountain (trained), aaron's, lo, a, of
+    assert words == expected and 60 < len(words) < 200  # about 1 in 16 of ~2000 words
     assert not set(words) & set(demo_tasks.WORDS)
+    trained = demo_tasks.reversal_words(verses)
+    assert not set(trained) & set(words) and set(demo_tasks.WORDS) <= set(trained)
+    assert set(trained) - set(demo_tasks.WORDS) == {w for w in set(made) | {"lord", "lo", "eye"}
+                                                         if not held_out(w)} - set(demo_tasks.WORDS)
+    tasks, sample_rng = demo_tasks.TaskSet(verses), random.Random(1)
+    for _ in range(300):  # training lists and the held-out reverse set never hold an unseen word
+        item = tasks.sample("reverse", sample_rng)
+        assert not set(item.prompt.removeprefix("reverse: ").split()) & set(words)
+    for item in tasks.heldout("reverse", 20):
+        assert not set(item.prompt.removeprefix("reverse: ").split()) & set(words)
     items = demo_tasks.unseen_reversal_items(20, verses)
     assert items == demo_tasks.unseen_reversal_items(20, verses)  # the same on every run
     for item in items:

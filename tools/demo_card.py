@@ -83,14 +83,17 @@ followed by `<|endoftext|>` padding.
   License: {demo_data.LICENSE}
 - Chat tasks (`tools/demo_tasks.py`): 2-3 digit addition, reversing 3-8 words,
   sorting 3-8 numbers in 0..99, verse continuation; 1 in {demo_tasks.HELDOUT_BUCKETS} prompts (by hash) is
-  held out and never trained on.
+  held out and never trained on. Reversal lists draw from the corpus's whole
+  vocabulary (plain lower-case words of 2-10 letters) and a list of everyday
+  nouns, less 1 in {demo_tasks.WORD_HELDOUT_BUCKETS} corpus words held out (by hash) that no training
+  list ever holds: `reverse_unseen` reverses those.
 - Objective: LLaDA's (t ~ U(0, 1), tokens masked with probability t,
   cross-entropy on masked tokens weighted by 1/t). Pretraining on KJV text
   ({args.pretrain_share:.0%} of the budget), then SFT with the prompt never masked and the
   answer padded with `<|endoftext|>` to the canvas (loss on the padding too).
 - {st['step']} steps, {st['tokens'] / 1e6:.1f}M tokens, {st['elapsed'] / 60:.1f} minutes of compute on {torch.get_num_threads()} CPU thread(s) ({cpu};
   {st.get('wall', 0) / 60:.0f} minutes of wall time on a machine shared with other jobs);
-  AdamW, bf16 autocast, float32 weights. Final loss (EMA): pretraining
+  AdamW, {'bf16 autocast' if args.bf16 else 'float32 compute (the CPU has no native bf16)'}, float32 weights. Final loss (EMA): pretraining
   {last.get('pretrain')}, SFT {last.get('sft')}.
 - Reproduce: `{command}` (seed {args.seed}; the budget is CPU time over
   threads, so a slower CPU takes fewer steps).
