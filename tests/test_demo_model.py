@@ -128,11 +128,13 @@ def test_unseen_reversal_words_were_never_in_a_training_list():
     words = demo_tasks.unseen_words(verses)
     assert words == expected and 60 < len(words) < 200  # about 1 in 16 of ~2000 words
     assert not set(words) & set(demo_tasks.WORDS)
+    assert demo_tasks.TaskSet(verses).words == demo_tasks.WORDS  # the default pool: the shipped model's list
     trained = demo_tasks.reversal_words(verses)
     assert not set(trained) & set(words) and set(demo_tasks.WORDS) <= set(trained)
     assert set(trained) - set(demo_tasks.WORDS) == {w for w in set(made) | {"lord", "lo", "eye"}
                                                          if not held_out(w)} - set(demo_tasks.WORDS)
-    tasks, sample_rng = demo_tasks.TaskSet(verses), random.Random(1)
+    tasks, sample_rng = demo_tasks.TaskSet(verses, "corpus"), random.Random(1)
+    assert tasks.words == trained
     for _ in range(300):  # training lists and the held-out reverse set never hold an unseen word
         item = tasks.sample("reverse", sample_rng)
         assert not set(item.prompt.removeprefix("reverse: ").split()) & set(words)

@@ -20,6 +20,11 @@ TASK_FORMATS = {
     "reverse_unseen": ("reverse: sprigs enduring sawest", "sawest enduring sprigs"),
 }
 
+REVERSAL_POOL_TEXT = {
+    "list": "Reversal lists draw from ~150 everyday nouns (`WORDS`)",
+    "corpus": "Reversal lists draw from the corpus's whole vocabulary (plain lower-case words of 2-10 letters) and ~150 everyday nouns",
+}
+
 # The playground's example prompts (the card's widget, Hugging Face's format):
 # the skills this model has, on inputs it answers.
 WIDGET = """widget:
@@ -44,7 +49,8 @@ def model_card(cfg: LLaDAConfig, args: argparse.Namespace, st: dict, scores: dic
     last = st.get("final_loss", {})
     cpu = platform.processor() or platform.machine()
     command = (f"python tools/train_demo_model.py --minutes {args.minutes:g} --pretrain-share {args.pretrain_share:g} "
-               f"--d-model {cfg.d_model} --layers {cfg.n_layers} --threads {args.threads} --seed {args.seed}")
+               f"--d-model {cfg.d_model} --layers {cfg.n_layers} --threads {args.threads} --seed {args.seed} "
+               f"--reversal-words {args.reversal_words}")
     gen, block = RECOMMENDED["gen_length"], RECOMMENDED["block_length"]
     return f"""---
 license: apache-2.0
@@ -83,10 +89,8 @@ followed by `<|endoftext|>` padding.
   License: {demo_data.LICENSE}
 - Chat tasks (`tools/demo_tasks.py`): 2-3 digit addition, reversing 3-8 words,
   sorting 3-8 numbers in 0..99, verse continuation; 1 in {demo_tasks.HELDOUT_BUCKETS} prompts (by hash) is
-  held out and never trained on. Reversal lists draw from the corpus's whole
-  vocabulary (plain lower-case words of 2-10 letters) and a list of everyday
-  nouns, less 1 in {demo_tasks.WORD_HELDOUT_BUCKETS} corpus words held out (by hash) that no training
-  list ever holds: `reverse_unseen` reverses those.
+  held out and never trained on. {REVERSAL_POOL_TEXT[args.reversal_words]}; 1 in {demo_tasks.WORD_HELDOUT_BUCKETS} corpus words
+  (by hash) is held out of every list: `reverse_unseen` reverses those.
 - Objective: LLaDA's (t ~ U(0, 1), tokens masked with probability t,
   cross-entropy on masked tokens weighted by 1/t). Pretraining on KJV text
   ({args.pretrain_share:.0%} of the budget), then SFT with the prompt never masked and the

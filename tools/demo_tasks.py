@@ -3,19 +3,18 @@
 | task | user message | assistant reply |
 | --- | --- | --- |
 | add | ``add: 123 + 45`` | ``168`` (operands of 2-3 digits) |
-| reverse | ``reverse: apple banana cherry`` | ``cherry banana apple`` (3-8 words from ``TaskSet.reversal_words``) |
+| reverse | ``reverse: apple banana cherry`` | ``cherry banana apple`` (3-8 words from the reversal pool) |
 | sort | ``sort: 5 3 9`` | ``3 5 9`` (3-8 numbers in 0..99, ascending) |
 | continue | ``continue: <first half of a KJV verse>`` | the rest of the verse |
 
-Reversal lists draw from the KJV corpus's whole vocabulary (plain lower-case
-words of 2-10 letters) plus ``WORDS`` (everyday nouns the corpus lacks, for
-the playground's examples), less the held-out words: 1 in 16 corpus words
-outside ``WORDS``, by a hash of the word. ``reverse_unseen`` (evaluation
-only) reverses 3-8 held-out words of 3-8 letters, which no training list
-ever held: whether reversal generalises beyond the words it was trained on
-(``unseen_reversal_items``). The shipped model before this split trained on
-``WORDS`` alone, and the held-out words are outside ``WORDS``, so the set is
-unseen for both.
+Reversal training lists draw from one of two pools (``REVERSAL_POOLS``):
+``list``, the ~150 everyday nouns of ``WORDS`` (the shipped model's recipe),
+or ``corpus``, the KJV corpus's whole vocabulary (plain lower-case words of
+2-10 letters) plus ``WORDS``. Either way 1 in 16 corpus words outside
+``WORDS`` (by a hash of the word) is held out of every training list, and
+``reverse_unseen`` (evaluation only) reverses 3-8 of those held-out words
+(3-8 letters): whether reversal generalises beyond the words it was trained
+on (``unseen_reversal_items``).
 
 Held-out items are disjoint from training by construction: an item is
 held out when a hash of its task and key (the prompt; for ``continue`` the
@@ -34,6 +33,7 @@ from pathlib import Path
 from tools import demo_data
 
 TASKS = ("add", "reverse", "sort", "continue")
+REVERSAL_POOLS = ("list", "corpus")  # what reversal training lists draw from: WORDS, or the corpus vocabulary too
 UNSEEN_REVERSE = "reverse_unseen"  # evaluation only: reversal of words no training list held
 UNSEEN_WORD_LETTERS = (3, 8)  # unseen words are plain lower-case words of this many letters
 HELDOUT_BUCKETS = 16  # 1 in 16 synthetic prompts is held out
@@ -120,14 +120,17 @@ def continuation(verse: demo_data.Verse) -> Item:
 
 class TaskSet:
     """Samples training items and lists held-out ones. Needs the corpus
-    (``demo_data.load_verses``) for the continuation task."""
+    (``demo_data.load_verses``) for the continuation task and the
+    ``corpus`` reversal pool."""
 
-    def __init__(self, verses: list[demo_data.Verse]):
+    def __init__(self, verses: list[demo_data.Verse], reversal_pool: str = "list"):
+        if reversal_pool not in REVERSAL_POOLS:
+            raise ValueError(f"unknown reversal pool {reversal_pool!r}; pools: {', '.join(REVERSAL_POOLS)}")
         lo, hi = CONTINUE_WORDS
         usable = [v for v in verses if lo <= len(v.text.split()) <= hi]
         self.train_verses = [v for v in usable if not is_heldout_verse(v.ref)]
         self.heldout_verses = [v for v in usable if is_heldout_verse(v.ref)]
-        self.words = reversal_words(verses)
+        self.words = WORDS if reversal_pool == "list" else reversal_words(verses)
 
     def sample(self, task: str, rng: random.Random) -> Item:
         """A random training item (never a held-out one)."""
@@ -174,9 +177,9 @@ def unseen_reversal_items(n: int, verses: list[demo_data.Verse] | None = None) -
     return items
 
 
-def heldout_items(task: str, n: int, cache: Path = demo_data.DEFAULT_CACHE) -> list[Item]:
+def heldout_items(task: str, n: int, cache: Path = demo_data.DEFAULT_CACHE, reversal_pool: str = "list") -> list[Item]:
     """Held-out evaluation items for one task (fetches the corpus if needed)."""
-    return TaskSet(demo_data.load_verses(cache)).heldout(task, n)
+    return TaskSet(demo_data.load_verses(cache), reversal_pool).heldout(task, n)
 
 
 def is_correct(item: Item, output: str) -> bool:

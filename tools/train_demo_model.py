@@ -50,11 +50,13 @@ SFT_BATCH, CANVAS, MAX_CANVAS, LONG_CANVAS = 64, 32, 64, 256
 # masks), the rest up to MAX_CANVAS.
 TIGHT_SHARE, TIGHT_SLACK, LONG_SHARE = 0.5, 4, 0.1
 # Reversal gets most of the SFT budget: it is the task a model this small
-# learns first (a copy circuit), so it is the shipped model's showcase. Its
-# lists draw from the whole corpus vocabulary (demo_tasks.reversal_words), so
-# no word list can be memorised; addition (0% at 90 minutes on 0.1 of the
-# budget) gives it some of its share.
-TASK_WEIGHTS = {"reverse": 0.7, "sort": 0.1, "add": 0.05, "continue": 0.15}
+# learns first (a copy circuit), so it is the shipped model's showcase. Per
+# reversal pool (demo_tasks.REVERSAL_POOLS): "list" is the shipped model's
+# recipe; "corpus" (lists from the whole vocabulary, so no word list can be
+# memorised) gives reversal some of addition's share, which was 0% at 90
+# minutes (issue 19's attempt, benchmarks/RESULTS.md).
+TASK_WEIGHTS = {"list": {"reverse": 0.6, "sort": 0.15, "add": 0.1, "continue": 0.15},
+                "corpus": {"reverse": 0.7, "sort": 0.1, "add": 0.05, "continue": 0.15}}
 SYSTEM_PROMPTS = ("You are a helpful assistant.", "Answer briefly.")
 LR = {"pretrain": 1.5e-3, "sft": 1e-3}
 WARMUP_STEPS = 100
@@ -68,9 +70,10 @@ class Data:
     """Batches for both phases. All randomness comes from ``rng`` (task
     sampling, windows) and ``gen`` (masks), both saved with the state."""
 
-    def __init__(self, tok, verses: list[demo_data.Verse], seed: int):
+    def __init__(self, tok, verses: list[demo_data.Verse], seed: int, reversal_pool: str = "list"):
         self.tok, self.ids = tok, demo_tokenizer.special_ids(tok)
-        self.tasks = demo_tasks.TaskSet(verses)
+        self.tasks = demo_tasks.TaskSet(verses, reversal_pool)
+        self.weights = TASK_WEIGHTS[reversal_pool]
         stream: list[int] = []
         for v in verses:
             if not demo_tasks.is_heldout_verse(v.ref):  # held-out verses never reach training
@@ -99,7 +102,7 @@ class Data:
         long_canvas = self.rng.randint(MAX_CANVAS, LONG_CANVAS) if long else 0
         batch = max(8, SFT_BATCH * 64 // (long_canvas + 32)) if long else SFT_BATCH  # about the same tokens
         rows = []
-        for task in self.rng.choices(list(TASK_WEIGHTS), weights=list(TASK_WEIGHTS.values()), k=batch):
+        for task in self.rng.choices(list(self.weights), weights=list(self.weights.values()), k=batch):
             item = self.tasks.sample(task, self.rng)
             msgs = item.messages()
             if self.rng.random() < 0.1:
@@ -214,11 +217,11 @@ def lr_at(phase: str, step_in_phase: int, frac: float) -> float:
     return LR[phase] * warm * (1.0 if frac < 0.8 else 1.0 - 0.98 * (frac - 0.8) / 0.2)
 
 
-def build_tokenizer(verses, work: Path, seed: int):
+def build_tokenizer(verses, work: Path, seed: int, reversal_pool: str = "list"):
     """Trained once per work dir on the pretraining text plus rendered task examples."""
     path = work / "tokenizer"
     if not (path / "tokenizer.json").is_file():
-        tasks, rng = demo_tasks.TaskSet(verses), random.Random(seed)
+        tasks, rng = demo_tasks.TaskSet(verses, reversal_pool), random.Random(seed)
 
         def texts():
             for v in verses:
@@ -267,6 +270,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "server" / "assets" / "llada-demo")
     ap.add_argument("--work", type=Path, default=ROOT / ".tools" / "demo-train", help="resumable state")
     ap.add_argument("--eval-n", type=int, default=100, help="held-out items per task in the final quick eval")
+    ap.add_argument("--reversal-words", choices=demo_tasks.REVERSAL_POOLS, default="list",
+                    help="reversal training lists: the fixed WORDS list (the shipped model) or the whole corpus vocabulary")
     ap.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                     help="bf16 autocast; auto: on where the CPU has native bf16 (see native_bf16)")
     args = ap.parse_args()
@@ -279,7 +284,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     verses = demo_data.load_verses()
-    tok, tok_dir = build_tokenizer(verses, args.work, args.seed)
+    tok, tok_dir = build_tokenizer(verses, args.work, args.seed, args.reversal_words)
     ids = demo_tokenizer.special_ids(tok)
     cfg = LLaDAConfig(**MODEL, mask_token_id=ids[demo_tokenizer.MASK], eos_token_id=ids[demo_tokenizer.EOS],
                       pad_token_id=ids[demo_tokenizer.EOS], torch_dtype="float32")
@@ -287,10 +292,11 @@ def main() -> None:
     model = LLaDAModel(cfg)
     model.init_random(seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=LR["pretrain"], betas=(0.9, 0.95), weight_decay=0.1)
-    data = Data(tok, verses, args.seed)
+    data = Data(tok, verses, args.seed, args.reversal_words)
     vocabulary = demo_data.corpus_vocabulary(verses)
     run_key = {"minutes": args.minutes, "pretrain_share": args.pretrain_share, "seed": args.seed,
-               "threads": args.threads, "model": MODEL, "bf16": args.bf16}
+               "threads": args.threads, "model": MODEL, "bf16": args.bf16,
+               "reversal_words": args.reversal_words}
     state_path = args.work / "state.pt"
     st = {"phase": "pretrain", "step": 0, "phase_step": 0, "elapsed": 0.0, "tokens": 0, "history": []}
     if state_path.is_file():
