@@ -92,12 +92,17 @@ def is_heldout_word(word: str) -> bool:
 def reversal_words(verses: list[demo_data.Verse]) -> tuple[str, ...]:
     """What reversal training lists draw from: the corpus's plain lower-case
     words of 2-10 letters and ``WORDS``, less the held-out words; sorted."""
-    lo, hi = REVERSAL_WORD_LETTERS
-    corpus = {w for w in demo_data.corpus_vocabulary(verses) if w.isalpha() and lo <= len(w) <= hi}
+    corpus = plain_words(verses, REVERSAL_WORD_LETTERS)
     return tuple(sorted(w for w in corpus | set(WORDS) if not is_heldout_word(w)))
 
 
-def _synthetic(task: str, rng: random.Random, words: tuple[str, ...] = WORDS) -> Item:
+def plain_words(verses: list[demo_data.Verse], letters: tuple[int, int]) -> set[str]:
+    """The corpus vocabulary's plain lower-case words (no apostrophes) of ``letters`` (lo, hi) letters."""
+    lo, hi = letters
+    return {w for w in demo_data.corpus_vocabulary(verses) if w.isalpha() and lo <= len(w) <= hi}
+
+
+def _synthetic(task: str, rng: random.Random, words: tuple[str, ...]) -> Item:
     if task == "add":
         a, b = rng.randint(10, 999), rng.randint(10, 999)
         prompt, answer = f"add: {a} + {b}", str(a + b)
@@ -161,9 +166,7 @@ def unseen_words(verses: list[demo_data.Verse]) -> list[str]:
     """Held-out words of the KJV corpus's vocabulary (``is_heldout_word``),
     which no reversal training list held: plain lower-case words (no
     apostrophes) of 3-8 letters, sorted."""
-    lo, hi = UNSEEN_WORD_LETTERS
-    return sorted(w for w in demo_data.corpus_vocabulary(verses)
-                  if w.isalpha() and lo <= len(w) <= hi and is_heldout_word(w))
+    return sorted(w for w in plain_words(verses, UNSEEN_WORD_LETTERS) if is_heldout_word(w))
 
 
 def unseen_reversal_items(n: int, verses: list[demo_data.Verse] | None = None) -> list[Item]:
@@ -177,9 +180,9 @@ def unseen_reversal_items(n: int, verses: list[demo_data.Verse] | None = None) -
     return items
 
 
-def heldout_items(task: str, n: int, cache: Path = demo_data.DEFAULT_CACHE, reversal_pool: str = "list") -> list[Item]:
+def heldout_items(task: str, n: int, cache: Path = demo_data.DEFAULT_CACHE) -> list[Item]:
     """Held-out evaluation items for one task (fetches the corpus if needed)."""
-    return TaskSet(demo_data.load_verses(cache), reversal_pool).heldout(task, n)
+    return TaskSet(demo_data.load_verses(cache)).heldout(task, n)
 
 
 def is_correct(item: Item, output: str) -> bool:
