@@ -133,9 +133,9 @@ class Data:
 
 def native_bf16() -> bool:
     """Whether this CPU computes bfloat16 matmuls natively (AVX512-BF16 or
-    AMX). Without them (e.g. AVX2 only) bf16 autocast is emulated and about
-    10x slower than float32 (14.5 s against 1.5 s per pretraining step on an
-    AVX2 EPYC), so training runs in float32 there."""
+    AMX). Without them (e.g. AVX2 only) bf16 autocast is emulated, 8.4x
+    slower than float32 per pretraining step on an AVX2 EPYC
+    (benchmarks/bench_train_step.py), so training runs in float32 there."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
