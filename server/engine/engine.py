@@ -13,7 +13,7 @@ from sampler.params import DiffusionParams, LikelihoodParams
 from server.config import ModelConfig
 from server.engine.facts import ModelFacts
 from server.engine.faults import check_device
-from server.engine.graphs import capture_at_start
+from server.engine.graphs import capture_at_start, why_no_graphs
 from server.engine.buckets import batch_buckets
 from server.engine.likelihood import LikelihoodRequest, owner_of
 from server.engine.messages import RequestOutput, RunnerOutput, SchedulerOutput
@@ -64,9 +64,16 @@ class LLMEngine:
         self.stop_ids = stop_token_ids(self.path, self.raw_config, self.tokenizer)
         # The checkpoint's own decoding (its family's, then its generation config): DiffusionParams fields.
         self.decoding_defaults = generation_defaults(self.path)
-        sc = size_kv_cache(self.model, scheduler_config or SchedulerConfig(), model_config.gpu_memory_utilization,
+        sc = scheduler_config or SchedulerConfig()
+        width = self.decoding_defaults.get("block_length", DiffusionParams.block_length)  # the captured steps'
+        tensor_parallel = self.workers is not None or parallel is not None
+        graph_step = None  # the largest step captured as a CUDA graph, whose memory the KV pool leaves free
+        if not model_config.enforce_eager and sc.kv_cache_tokens != 0 \
+                and why_no_graphs(self.model, self.model.device, tensor_parallel, True) is None:
+            graph_step = (batch_buckets(sc.max_num_seqs)[-1], width)
+        sc = size_kv_cache(self.model, sc, model_config.gpu_memory_utilization,
                            memory if memory is not None else device_memory(self.model.device),
-                           self.decoding_defaults.get("gen_length", 128))
+                           self.decoding_defaults.get("gen_length", 128), graph_step)
         if self.workers is not None:
             from server.engine.tp_workers import agree_kv
 
@@ -75,9 +82,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size,
                                   None if model_config.enforce_eager else batch_buckets(sc.max_num_seqs))
         if not model_config.enforce_eager:
-            width = self.decoding_defaults.get("block_length", DiffusionParams.block_length)
-            capture_at_start(self.runner, self.model.device, width, self.max_model_len,
-                             tensor_parallel=self.workers is not None or parallel is not None)
+            capture_at_start(self.runner, self.model.device, width, self.max_model_len, tensor_parallel)
         if self.workers is not None:
             self.runner = self.workers.wrap(self.runner)
         self.last_step = StepStats(0, 0, [])

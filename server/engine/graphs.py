@@ -166,21 +166,28 @@ class StepGraphs:
             self.inputs.copy_(self.host, non_blocking=True)
 
 
+def why_no_graphs(model, device: torch.device, tensor_parallel: bool, has_kv_cache: bool) -> str | None:
+    """Why static use steps cannot be captured as CUDA graphs here (None:
+    they can). Asked once before the KV pool is sized, which reserves the
+    graphs' memory, and again at capture."""
+    if device.type != "cuda":
+        return f"CUDA graphs need CUDA (device {device})"
+    if tensor_parallel:
+        return "CUDA graphs are not captured with tensor parallelism"
+    if not has_kv_cache:
+        return "no KV cache, so no cache use steps to capture"
+    if not model.has_static_step:
+        return f"{type(model).__name__} has no static step (block-causal, expert routing or shifted logits)"
+    return None
+
+
 def capture_at_start(runner, device: torch.device, width: int, max_model_len: int, tensor_parallel: bool) -> bool:
     """The engine's start-up (when not --enforce-eager): captures the
     static steps of ``width`` tokens per sequence (the checkpoint's default
     block length) at every bucket, with a block table of ``max_model_len``
     keys, where graphs can run; otherwise logs why static steps run padded
     but eagerly. Returns whether graphs were captured."""
-    why = None
-    if device.type != "cuda":
-        why = f"CUDA graphs need CUDA (device {device})"
-    elif tensor_parallel:
-        why = "CUDA graphs are not captured with tensor parallelism"
-    elif runner.kv_cache is None:
-        why = "no KV cache, so no cache use steps to capture"
-    elif not runner.model.has_static_step:
-        why = f"{type(runner.model).__name__} has no static step (block-causal, expert routing or shifted logits)"
+    why = why_no_graphs(runner.model, device, tensor_parallel, runner.kv_cache is not None)
     if why:
         logger.info("%s: static cache use steps run padded to their batch buckets, eagerly", why)
         return False

@@ -10,7 +10,16 @@ what is left of ``gpu_memory_utilization`` of the device's total memory:
 
 where the peak counts everything this process holds on the device: weights,
 the profile's activations, and memory outside torch's allocator (the CUDA
-context, library workspaces). On CPU ``--kv-cache-tokens`` keeps its meaning.
+context, library workspaces). When static use steps will be captured as CUDA
+graphs (``--no-enforce-eager``), the graphs' memory pool comes off the pool
+too: the captured steps share one pool sized by the largest bucket's step,
+and the allocator never hands it back to eager steps, so a second profile
+forward at that step's shape (every token's logits, as the graph keeps
+them) measures what to reserve:
+
+    pool bytes = utilization * total - peak after the profile - graph step's activations
+
+On CPU ``--kv-cache-tokens`` keeps its meaning.
 
 The arithmetic is a pure function (``kv_pages_from_memory``); the memory
 figures come from a ``MemorySource``, so the profile and the sizing run on
@@ -73,28 +82,32 @@ def kv_bytes_per_token(model: torch.nn.Module) -> int:
     return 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * elem
 
 
-def kv_pages_from_memory(total: int, peak: int, utilization: float, page_bytes: int) -> int:
+def kv_pages_from_memory(total: int, peak: int, utilization: float, page_bytes: int, graph_bytes: int = 0) -> int:
     """KV pages that fit in ``utilization * total`` bytes once ``peak`` bytes
-    (weights and the largest step's activations) are held. Raises ValueError
-    naming the flag to change when none fit."""
+    (weights and the largest step's activations) are held and ``graph_bytes``
+    are reserved for CUDA graphs. Raises ValueError naming the flag to change
+    when none fit."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
-    budget = int(utilization * total) - peak
+    budget = int(utilization * total) - peak - graph_bytes
     if budget < page_bytes:
+        graphs = f" and CUDA graphs {graph_bytes / GiB:.1f} GiB more" if graph_bytes else ""
         raise ValueError(
             f"gpu_memory_utilization: {utilization} of the device's {total / GiB:.1f} GiB is "
             f"{utilization * total / GiB:.1f} GiB, and the weights plus the largest step's activations "
-            f"already take {peak / GiB:.1f} GiB: no room for the KV cache. Raise --gpu-memory-utilization, "
-            "lower --max-num-batched-tokens, or turn the cache off with --kv-cache-tokens 0")
+            f"already take {peak / GiB:.1f} GiB{graphs}: no room for the KV cache. Raise "
+            "--gpu-memory-utilization, lower --max-num-batched-tokens"
+            f"{' or --max-num-seqs, run --enforce-eager' if graph_bytes else ''}, "
+            "or turn the cache off with --kv-cache-tokens 0")
     return budget // page_bytes
 
 
 @torch.inference_mode()
-def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int) -> None:
+def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int, with_softmax: bool = True) -> None:
     """One forward at the largest batch the scheduler may form: ``num_tokens``
     tokens in ``num_seqs`` sequences (as equal as they split), logits on every
-    token and their float32 softmax (the sampler's probabilities): at least
-    the activation memory any real step needs."""
+    token and (``with_softmax``) their float32 softmax (the sampler's
+    probabilities): at least the activation memory any real step needs."""
     num_seqs = max(1, min(num_seqs, num_tokens))
     lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     cu_seqlens = [0]
@@ -104,22 +117,35 @@ def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int) -> N
     ids = torch.full((num_tokens,), model.config.mask_token_id, dtype=torch.long, device=dev)
     positions = torch.cat([torch.arange(n, device=dev) for n in lengths])
     logits = model(ids, positions, cu_seqlens)  # (num_tokens, vocab)
-    torch.softmax(logits.float(), dim=-1)
+    if with_softmax:
+        torch.softmax(logits.float(), dim=-1)
 
 
 def size_kv_cache(model: torch.nn.Module, config: SchedulerConfig, utilization: float,
-                  memory: MemorySource | None, request_tokens: int) -> SchedulerConfig:
+                  memory: MemorySource | None, request_tokens: int,
+                  graph_step: tuple[int, int] | None = None) -> SchedulerConfig:
     """``config`` with ``kv_cache_tokens`` set from device memory, when there
     is a memory source and the user fixed no size; else ``config`` as is.
-    Logs the pool in tokens and how many ``request_tokens``-long requests
+    ``graph_step``: (sequences, tokens per sequence) of the largest step
+    that will be captured as a CUDA graph, whose memory is reserved. Logs
+    the pool in tokens and how many ``request_tokens``-long requests
     (prompt + canvas) it holds at once."""
     if memory is None or config.kv_cache_tokens is not None:
         return config
     memory.reset_peak()
     profile_forward(model, config.max_num_batched_tokens, config.max_num_seqs)
     total, peak = memory.total(), memory.peak()
+    graph_bytes = 0
+    if graph_step is not None:
+        num_seqs, width = graph_step
+        memory.reset_peak()
+        held = memory.peak()  # the weights (and what lives outside the allocator), no activations
+        profile_forward(model, num_seqs * width, num_seqs, with_softmax=False)  # the sampler runs outside graphs
+        graph_bytes = max(0, memory.peak() - held)
+        logger.info("CUDA graphs: %.2f GiB reserved for their memory pool (the largest captured step: "
+                    "%d sequences x %d tokens)", graph_bytes / GiB, num_seqs, width)
     page_bytes = kv_bytes_per_token(model) * config.page_size
-    pages = kv_pages_from_memory(total, peak, utilization, page_bytes)
+    pages = kv_pages_from_memory(total, peak, utilization, page_bytes, graph_bytes)
     if pages <= config.max_num_seqs:
         raise ValueError(
             f"gpu_memory_utilization: the KV cache left over fits {pages} pages of {config.page_size} tokens, "

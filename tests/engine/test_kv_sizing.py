@@ -141,3 +141,76 @@ def test_flag_and_environment(golden_dir, monkeypatch):
     assert model_config().gpu_memory_utilization == 0.75
     with pytest.raises(ValueError, match=r"gpu_memory_utilization must be in \(0, 1\], got 1.2"):
         model_config("--gpu-memory-utilization", "1.2")
+
+
+class TokenMemory(FakeMemory):
+    """Peaks that grow with the forwards run since the last reset: the
+    weights (``base``) plus ``per_token`` bytes per token of the largest
+    forward, as a caching allocator's peak would."""
+
+    def __init__(self, total: int, base: int, per_token: int):
+        super().__init__(total, base)
+        self.base, self.per_token = base, per_token
+
+    def peak(self) -> int:
+        self.calls.append("peak")
+        forwards = [c[1] for c in self.calls[self._last_reset():] if isinstance(c, tuple)]
+        return self.base + self.per_token * max(forwards, default=0)
+
+    def _last_reset(self) -> int:
+        return len(self.calls) - 1 - self.calls[::-1].index("reset")
+
+
+def test_cuda_graphs_reserve_their_largest_step_from_the_pool(tiny_checkpoint, monkeypatch):
+    """With graphs to capture, a second profile forward at the largest
+    bucket's step (every bucket's graph shares its pool) is taken off the KV
+    budget; eager engines and engines that cannot capture reserve nothing."""
+    import server.engine.engine as engine_module
+
+    sc = SchedulerConfig(max_num_seqs=3, max_num_batched_tokens=200)
+    total, base, per_token = 12 * 2**20, 2**20, 8 * 2**10
+
+    def sized(enforce_eager: bool, graphs_possible: bool) -> tuple[LLMEngine, list]:
+        memory = TokenMemory(total, base, per_token)
+        with monkeypatch.context() as m:
+            spy_forwards(m, memory.calls)
+            if graphs_possible:  # as on CUDA with a static step (CPU only stands in: no capture follows)
+                m.setattr(engine_module, "why_no_graphs", lambda *args: None)
+            mc = ModelConfig(str(tiny_checkpoint), dtype="float32", device="cpu", gpu_memory_utilization=0.5,
+                             enforce_eager=enforce_eager)
+            return LLMEngine(mc, sc, memory=memory), memory.calls
+
+    graphed, calls = sized(enforce_eager=False, graphs_possible=True)
+    width = graphed.decoding_defaults.get("block_length", DiffusionParams.block_length)
+    forwards = [c for c in calls if isinstance(c, tuple)]
+    # The scheduler's largest batch, then the largest bucket (3 sequences: buckets 1, 2, 3) x block length.
+    assert forwards == [("forward", 200, 3, True), ("forward", 3 * width, 3, True)]
+    budget = total // 2 - (base + 200 * per_token) - 3 * width * per_token
+    assert graphed.scheduler.pages.num_pages == budget // page_bytes(graphed)
+
+    for enforce_eager, possible in ((True, True), (False, False)):
+        eager, calls = sized(enforce_eager, possible)
+        assert [c for c in calls if isinstance(c, tuple)] == [("forward", 200, 3, True)]
+        assert eager.scheduler.pages.num_pages == (total // 2 - base - 200 * per_token) // page_bytes(eager)
+
+
+def test_graph_reserve_that_leaves_no_room_names_the_eager_flag():
+    with pytest.raises(ValueError, match="CUDA graphs 2.0 GiB more.*--enforce-eager"):
+        kv_pages_from_memory(80 * GiB, 70 * GiB, 0.9, 8 * 2**20, graph_bytes=2 * GiB)
+    assert kv_pages_from_memory(80 * GiB, 60 * GiB, 0.9, 2**20, graph_bytes=2 * GiB) \
+        == int(0.9 * 80 * GiB - 62 * GiB) // 2**20
+
+
+def test_why_no_graphs_names_each_reason(tiny_checkpoint):
+    import torch
+
+    from server.engine.graphs import why_no_graphs
+
+    engine = LLMEngine(ModelConfig(str(tiny_checkpoint), dtype="float32", device="cpu"))
+    model, cuda = engine.model, torch.device("cuda")
+    assert why_no_graphs(model, cuda, False, True) is None
+    assert "need CUDA" in why_no_graphs(model, torch.device("cpu"), False, True)
+    assert "tensor parallelism" in why_no_graphs(model, cuda, True, True)
+    assert "no KV cache" in why_no_graphs(model, cuda, False, False)
+    model.config.block_causal_size = 4  # block-causal attention has no static step
+    assert "no static step" in why_no_graphs(model, cuda, False, True)
