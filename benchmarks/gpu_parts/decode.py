@@ -26,8 +26,10 @@ by tokens computed / canvas tokens and by the FLOPs above; 1.0 means a use
 step costs exactly what it computes."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import logging
 import statistics
 import time
 from pathlib import Path
@@ -217,7 +219,11 @@ def body(args, rec: Record) -> None:
             continue
         label = setting if has else "n/a"
         with rec.sub(f"graphs_{setting}"):
-            engine = make_engine(root, device, graphs, max(concs), shape["prompt"] + shape["gen"])
+            with engine_log() as log:
+                engine = make_engine(root, device, graphs, max(concs), shape["prompt"] + shape["gen"])
+            for message in log:  # the KV pool, the graphs' reserve and what the capture took, side by side
+                rec.line(f"graphs {setting}: {message[:160]}")
+            rec.data.setdefault("start_log", {})[setting] = log
             captured = engine.runner.graphs
             rec.data.setdefault("captured", {})[setting] = 0 if captured is None else len(captured.graphs)
             if graphs:
@@ -242,6 +248,28 @@ def body(args, rec: Record) -> None:
         if cuda:
             torch.cuda.empty_cache()
     graphs_ratio(rec)
+
+
+@contextlib.contextmanager
+def engine_log():
+    """The engine's start-up lines on KV sizing and graph capture, as a list."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    loggers = [logging.getLogger(n) for n in ("server.engine.kv_sizing", "server.engine.graphs")]
+    handler, levels = Keep(level=logging.INFO), [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.addHandler(handler)
+        lg.setLevel(logging.INFO)
+    try:
+        yield lines
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.removeHandler(handler)
+            lg.setLevel(level)
 
 
 def graphs_ratio(rec: Record) -> None:
