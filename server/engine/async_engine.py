@@ -238,6 +238,11 @@ class AsyncEngine:
         finally:  # no stream is left waiting, whether the loop died or was shut down
             for rid in list(self._streams):
                 self._send(rid, EngineDeadError(f"the engine loop has stopped: {error}"))
+            if self.engine is not None:  # tensor-parallel workers leave their loop (from this thread: collectives)
+                try:
+                    self.engine.close()
+                except Exception:  # noqa: BLE001 - shutting down: a worker already gone is not news
+                    logger.exception("closing the engine failed")
 
     def _drain_inbox(self) -> None:
         while self._inbox:

@@ -93,3 +93,28 @@ def test_the_client_surface_while_loading_and_after(tmp_path):
         assert engine.num_waiting == 0
     finally:
         engine.shutdown()
+
+
+def test_shutdown_closes_the_engine_on_its_own_thread(tmp_path):
+    """A normal shutdown ends with ``LLMEngine.close`` (tensor-parallel
+    workers leave their loop), called from the engine thread, which owns the
+    workers' collectives; a failing close is logged, not raised."""
+    import threading
+    import time
+
+    ckpt = make_random_checkpoint(tmp_path / "ckpt")
+    closed: list[str] = []
+
+    class Engine(LLMEngine):
+        def close(self) -> None:
+            closed.append(threading.current_thread().name)
+            raise RuntimeError("a worker is already gone")
+
+    engine = AsyncEngine(lambda: Engine(ModelConfig(str(ckpt), dtype="float32", device="cpu"), SchedulerConfig()),
+                         Metrics("t")).start()
+    deadline = time.monotonic() + 30
+    while not engine.is_ready and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.is_ready and closed == []
+    engine.shutdown()
+    assert closed == ["llada-engine"]
