@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -53,11 +52,16 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{base + rank}"
 
 
-def _join(rank: int, size: int, port: int, device: str) -> tuple[Parallel, dist.ProcessGroup]:
+def _join(rank: int, size: int, port: int, device: str,
+          store: dist.TCPStore | None = None) -> tuple[Parallel, dist.ProcessGroup]:
+    """Joins the group whose rendezvous store listens on ``port``: rank 0
+    passes the ``store`` it serves, the others connect to it as clients."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(torch.device(device))
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=dist.default_pg_timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size)
     control = dist.new_group(backend="gloo") if backend == "nccl" else dist.group.WORLD
     return Parallel(rank, size), control
 
@@ -100,9 +104,11 @@ class Workers:
         if last.startswith("cuda") and torch.cuda.device_count() <= int(last.split(":")[1]):
             raise ValueError(f"tensor_parallel_size: {size} ranks need GPUs {device} to {last}; "
                              f"{torch.cuda.device_count()} visible")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        # The rendezvous store binds a port of the system's choosing and keeps it: probing for a free port
+        # and binding it later would leave a window in which another process could take it.
+        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, wait_for_workers=False,
+                              timeout=dist.default_pg_timeout)
+        port = store.port
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, name=f"llada-tp{rank}", daemon=True,
                              args=(rank, size, port, model_config, scheduler_config, os.getpid()))
@@ -111,7 +117,7 @@ class Workers:
             p.start()
         joined = threading.Event()
         threading.Thread(target=_watch_join, args=(procs, joined), name="llada-tp-join", daemon=True).start()
-        parallel, control = _join(0, size, port, device)
+        parallel, control = _join(0, size, port, device, store)
         joined.set()
         logger.info("tensor parallel: %d ranks (%s), workers %s", size, dist.get_backend(),
                     ", ".join(str(p.pid) for p in procs))

@@ -2,9 +2,10 @@
 one rank any failed step is a device fault (a rank's own out-of-memory
 would otherwise leave the ranks' collectives out of step), and a worker
 that dies before joining ends rank 0 at once instead of after the store's
-timeout."""
+timeout; the rendezvous port is held from before the workers start."""
 from __future__ import annotations
 
+import socket
 import threading
 
 import pytest
@@ -79,3 +80,31 @@ def test_a_join_that_completes_stops_the_watch_without_exiting():
     joined.set()
     watcher.join(5)
     assert not watcher.is_alive() and exits == []
+
+
+def test_the_rendezvous_port_is_held_before_the_workers_start(monkeypatch):
+    """Rank 0's store binds the port it hands the workers: no probe-then-bind
+    window in which another process could take it (the workers would then
+    join a stranger, or rank 0 fail to bind)."""
+    from server.config import ModelConfig, SchedulerConfig
+    from server.engine import tp_workers
+
+    ports = []
+
+    class Ctx:
+        def Process(self, target, name, daemon, args):
+            port = args[2]
+
+            class Proc:
+                def start(self):
+                    with socket.socket() as s, pytest.raises(OSError):  # in use: nobody else can take it
+                        s.bind(("127.0.0.1", port))
+                    ports.append(port)
+                    raise RuntimeError("no worker in this test")
+
+            return Proc()
+
+    monkeypatch.setattr(tp_workers.mp, "get_context", lambda method: Ctx())
+    with pytest.raises(RuntimeError, match="no worker in this test"):
+        tp_workers.Workers.start(ModelConfig("unused", device="cpu", tensor_parallel_size=2), SchedulerConfig())
+    assert len(ports) == 1 and ports[0] > 0
