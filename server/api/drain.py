@@ -4,7 +4,8 @@ waiting on its client, and a way to end them all at the deadline.
 ``Drain.track`` wraps a generation request's ASGI receive/send (the
 ``InFlight`` middleware): a request is *stalled* while its body has not
 fully arrived or a write of its response has not been accepted (a client
-that stopped reading). Requests register an ``on_deadline`` hook while they
+that stopped reading), timed from the last piece of the body that came, so
+a slow upload that keeps arriving is not taken for a stalled one. Requests register an ``on_deadline`` hook while they
 wait on the engine: at the deadline a stream puts its ``shutdown`` error
 event and ``[DONE]``, a non-streamed request answers 503.
 """
@@ -41,6 +42,8 @@ class Drain:
             message = await receive()
             if message["type"] != "http.request" or not message.get("more_body", False):
                 entry.waiting_since = None
+            else:  # a piece of the body: the client is slow, not stalled; it waits on it from now
+                entry.waiting_since = time.monotonic()
             return message
 
         async def tracked_send(message):

@@ -150,3 +150,34 @@ def test_stalled_clients_do_not_hold_the_drain(launch):
     assert answer.startswith(b"HTTP/1.1 503") and b'"code":"shutdown"' in answer
     stalled_body.close()
     unread.close()
+
+
+def test_a_slow_upload_that_keeps_arriving_is_not_stalled(monkeypatch):
+    """The stall clock restarts with every piece of the body: a client
+    uploading slowly holds the drain; one that stopped sending does not."""
+    import asyncio
+
+    from server.api import drain as drain_module
+
+    now = [0.0]
+    monkeypatch.setattr(drain_module.time, "monotonic", lambda: now[0])
+    pieces = [{"type": "http.request", "body": b"{", "more_body": True},
+              {"type": "http.request", "body": b"}", "more_body": False}]
+
+    async def receive():
+        return pieces.pop(0)
+
+    async def send(message):
+        return None
+
+    drain = drain_module.Drain()
+    entry, tracked_receive, _ = drain.track(receive, send)
+    drain.requests.add(entry)
+    now[0] = 1.5
+    asyncio.run(tracked_receive())  # the first piece, 1.5 s after the request came
+    now[0] = 3.0
+    assert not drain.all_stalled(2.0)  # 1.5 s since the last piece
+    now[0] = 3.6
+    assert drain.all_stalled(2.0)  # 2.1 s without a piece
+    asyncio.run(tracked_receive())  # the body is complete: waiting on the engine, not the client
+    assert not drain.all_stalled(0.0)
