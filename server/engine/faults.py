@@ -18,16 +18,27 @@ class DeviceFault(RuntimeError):
     """The device failed: the engine cannot go on."""
 
 
+# Allocation failures the libraries report as their own status, not as torch's OutOfMemoryError.
+_ALLOC_ERRORS = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(error: BaseException) -> bool:
+    """Out of device memory: torch's error, or a library's failed allocation (cuBLAS's handle or
+    workspace), which a smaller batch can avoid as well."""
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in message \
+        or any(word in message for word in _ALLOC_ERRORS)
 
 
 def is_device_error(error: BaseException) -> bool:
-    """A CUDA error: ``torch.AcceleratorError`` (torch >= 2.8) or a RuntimeError saying so."""
+    """A CUDA error: ``torch.AcceleratorError`` (torch >= 2.8) or a RuntimeError saying so. An
+    allocation failure is not one, though it is worded as a CUDA error: it is an out of memory."""
     import torch
 
+    if any(word in str(error) for word in _ALLOC_ERRORS):
+        return False
     accelerator = getattr(torch, "AcceleratorError", None)
     if accelerator is not None and isinstance(error, accelerator):
         return True

@@ -11,7 +11,7 @@ import torch
 from sampler.params import DiffusionParams
 from server.config import ModelConfig, SchedulerConfig
 from server.engine.engine import LLMEngine
-from server.engine.faults import DeviceFault, is_device_error
+from server.engine.faults import DeviceFault, is_device_error, is_out_of_memory
 from server.engine.request import Request
 
 PARAMS = DiffusionParams(gen_length=8, steps=8, block_length=4, temperature=0.5, seed=0)
@@ -72,10 +72,18 @@ def test_an_out_of_memory_that_persists_alone_stops_the_engine(engine):
         run(engine, PROMPTS)
 
 
-def test_a_batchs_out_of_memory_is_retried_split(engine, golden_dir):
+OUT_OF_MEMORY = [
+    lambda: torch.OutOfMemoryError("CUDA out of memory"),
+    # cuBLAS failing to allocate its workspace: worded as a CUDA error, but a smaller batch avoids it.
+    lambda: RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+]
+
+
+@pytest.mark.parametrize("error", OUT_OF_MEMORY)
+def test_a_batchs_out_of_memory_is_retried_split(engine, golden_dir, error):
     expected = run(LLMEngine(ModelConfig(str(golden_dir), dtype="float32", device="cpu"), SchedulerConfig()),
                    PROMPTS)
-    break_forward(engine, lambda: torch.OutOfMemoryError("CUDA out of memory"), when=lambda batch: batch > 1)
+    break_forward(engine, error, when=lambda batch: batch > 1)
     got = run(engine, PROMPTS)
     assert {k: (v.finish_reason, v.token_ids) for k, v in got.items()} == \
         {k: (v.finish_reason, v.token_ids) for k, v in expected.items()}
@@ -115,3 +123,7 @@ def test_classification():
     assert is_device_error(RuntimeError("CUDA error: misaligned address"))
     assert not is_device_error(RuntimeError("shape mismatch"))
     assert not is_device_error(ValueError("CUDA error in a message of a request's own"))
+    alloc = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    assert not is_device_error(alloc) and is_out_of_memory(alloc)
+    assert is_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
+    assert not is_out_of_memory(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasGemmEx"))
