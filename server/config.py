@@ -28,6 +28,9 @@ class ModelConfig:
     # replayed as CUDA graphs captured at start-up (server/engine/graphs.py). Graphs have
     # not been measured on a GPU yet (benchmarks/gpu_check.sh does): eager is the default.
     enforce_eager: bool = True
+    # Block lengths whose static steps are captured besides the checkpoint's default (the
+    # server's --default-block-length, when given): a step of another width runs padded, eagerly.
+    graph_block_lengths: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -40,6 +43,8 @@ class ModelConfig:
             raise ValueError(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        if any(not isinstance(n, int) or n < 1 for n in self.graph_block_lengths):
+            raise ValueError(f"graph_block_lengths must be integers >= 1, got {self.graph_block_lengths!r}")
 
 
 @dataclass

@@ -89,7 +89,8 @@ def build_configs(args) -> tuple[ModelConfig, SchedulerConfig, ServerConfig]:
     once it is loaded. Raises ValueError naming a bad flag."""
     model_config = ModelConfig(model=args.model, dtype=args.dtype, device=args.device,
                                max_model_len=args.max_model_len, gpu_memory_utilization=args.gpu_memory_utilization,
-                               tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager)
+                               tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+                               graph_block_lengths=(args.default_block_length,) if args.default_block_length else ())
     scheduler_config = SchedulerConfig(max_num_seqs=args.max_num_seqs,
                                        max_num_batched_tokens=args.max_num_batched_tokens,
                                        kv_cache_tokens=args.kv_cache_tokens)

@@ -65,12 +65,14 @@ class LLMEngine:
         # The checkpoint's own decoding (its family's, then its generation config): DiffusionParams fields.
         self.decoding_defaults = generation_defaults(self.path)
         sc = scheduler_config or SchedulerConfig()
-        width = self.decoding_defaults.get("block_length", DiffusionParams.block_length)  # the captured steps'
+        # The captured steps' widths: the checkpoint's default block length and the server's, if given.
+        widths = sorted({self.decoding_defaults.get("block_length", DiffusionParams.block_length),
+                         *model_config.graph_block_lengths})
         tensor_parallel = self.workers is not None or parallel is not None
         graph_step = None  # the largest step captured as a CUDA graph, whose memory the KV pool leaves free
         if not model_config.enforce_eager and sc.kv_cache_tokens != 0 \
                 and why_no_graphs(self.model, self.model.device, tensor_parallel, True) is None:
-            graph_step = (batch_buckets(sc.max_num_seqs)[-1], width)
+            graph_step = (batch_buckets(sc.max_num_seqs)[-1], widths[-1])
         sc = size_kv_cache(self.model, sc, model_config.gpu_memory_utilization,
                            memory if memory is not None else device_memory(self.model.device),
                            self.decoding_defaults.get("gen_length", 128), graph_step)
@@ -82,7 +84,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.mask_id, sc.num_kv_pages, sc.page_size,
                                   None if model_config.enforce_eager else batch_buckets(sc.max_num_seqs))
         if not model_config.enforce_eager:
-            capture_at_start(self.runner, self.model.device, width, self.max_model_len, tensor_parallel)
+            capture_at_start(self.runner, self.model.device, widths, self.max_model_len, tensor_parallel)
         if self.workers is not None:
             self.runner = self.workers.wrap(self.runner)
         self.last_step = StepStats(0, 0, [])

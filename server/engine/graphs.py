@@ -181,12 +181,14 @@ def why_no_graphs(model, device: torch.device, tensor_parallel: bool, has_kv_cac
     return None
 
 
-def capture_at_start(runner, device: torch.device, width: int, max_model_len: int, tensor_parallel: bool) -> bool:
+def capture_at_start(runner, device: torch.device, widths: list[int], max_model_len: int,
+                     tensor_parallel: bool) -> bool:
     """The engine's start-up (when not --enforce-eager): captures the
-    static steps of ``width`` tokens per sequence (the checkpoint's default
-    block length) at every bucket, with a block table of ``max_model_len``
-    keys, where graphs can run; otherwise logs why static steps run padded
-    but eagerly. Returns whether graphs were captured."""
+    static steps of each of ``widths`` tokens per sequence (the default
+    block lengths: the checkpoint's and the server's) at every bucket, with
+    a block table of ``max_model_len`` keys, where graphs can run; otherwise
+    logs why static steps run padded but eagerly. Returns whether graphs
+    were captured."""
     why = why_no_graphs(runner.model, device, tensor_parallel, runner.kv_cache is not None)
     if why:
         logger.info("%s: static cache use steps run padded to their batch buckets, eagerly", why)
@@ -194,8 +196,9 @@ def capture_at_start(runner, device: torch.device, width: int, max_model_len: in
     max_pages = -(-max_model_len // runner.kv_cache.page_size)
     free_before = torch.cuda.mem_get_info(device)[0]
     t0 = time.perf_counter()
-    graphs = runner.capture_graphs([width], max_pages, cuda_graphs())
-    logger.info("CUDA graphs: captured %d static steps (buckets %s, %d tokens per sequence, tables of %d pages) "
-                "in %.1f s, using %.2f GiB", len(graphs.graphs), runner.bucket_sizes, width, max_pages,
-                time.perf_counter() - t0, (free_before - torch.cuda.mem_get_info(device)[0]) / 2 ** 30)
+    graphs = runner.capture_graphs(list(widths), max_pages, cuda_graphs())
+    logger.info("CUDA graphs: captured %d static steps (buckets %s, %s tokens per sequence, tables of %d pages) "
+                "in %.1f s, using %.2f GiB", len(graphs.graphs), runner.bucket_sizes,
+                " and ".join(map(str, widths)), max_pages, time.perf_counter() - t0,
+                (free_before - torch.cuda.mem_get_info(device)[0]) / 2 ** 30)
     return True

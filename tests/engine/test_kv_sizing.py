@@ -214,3 +214,28 @@ def test_why_no_graphs_names_each_reason(tiny_checkpoint):
     assert "no KV cache" in why_no_graphs(model, cuda, False, False)
     model.config.block_causal_size = 4  # block-causal attention has no static step
     assert "no static step" in why_no_graphs(model, cuda, False, True)
+
+
+def test_the_servers_default_block_length_is_captured_too(tiny_checkpoint, monkeypatch):
+    """--default-block-length reaches the engine as a width to capture
+    beside the checkpoint's default; the reserve is sized by the wider one."""
+    import server.engine.engine as engine_module
+
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint), "--default-block-length", "48"])
+    assert build_configs(args)[0].graph_block_lengths == (48,)
+    args = build_parser().parse_args(["serve", "--model", str(tiny_checkpoint)])
+    assert build_configs(args)[0].graph_block_lengths == ()
+
+    captured = []
+    monkeypatch.setattr(engine_module, "why_no_graphs", lambda *args: None)
+    monkeypatch.setattr(engine_module, "capture_at_start", lambda runner, device, widths, *a: captured.append(widths))
+    memory = TokenMemory(12 * 2**20, 2**20, 8 * 2**10)
+    spy_forwards(monkeypatch, memory.calls)
+    engine = LLMEngine(ModelConfig(str(tiny_checkpoint), dtype="float32", device="cpu", enforce_eager=False,
+                                   graph_block_lengths=(48,)),
+                       SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=200), memory=memory)
+    default = engine.decoding_defaults.get("block_length", DiffusionParams.block_length)
+    assert default != 48 and captured == [sorted({default, 48})]
+    assert [c for c in memory.calls if isinstance(c, tuple)][-1] == ("forward", 2 * max(default, 48), 2, True)
+    with pytest.raises(ValueError, match="graph_block_lengths"):
+        ModelConfig(str(tiny_checkpoint), graph_block_lengths=(0,))
