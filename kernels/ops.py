@@ -121,7 +121,11 @@ def select_commits(
     if _use_triton(confidence):
         from kernels import unmask
         return unmask.select_commits(confidence, row_seq, quota, threshold, canvas, positions, x0)
-    commit = reference.select_commits(confidence, row_seq, quota, threshold)
+    if confidence.is_cpu:  # numpy's twin of the twin: host time per step (reference.select_commits_host)
+        commit = torch.from_numpy(reference.select_commits_host(
+            confidence.numpy(), row_seq.numpy(), quota.numpy(), None if threshold is None else threshold.numpy()))
+    else:
+        commit = reference.select_commits(confidence, row_seq, quota, threshold)
     if canvas is not None:
         if positions is None or x0 is None:
             raise ValueError("writing the canvas needs positions and x0")

@@ -4,10 +4,11 @@
 argmax and its softmax probability computed the obvious way."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from kernels import reference
+from kernels import ops, reference
 
 
 def awkward_logits(num_rows: int, vocab: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -45,3 +46,60 @@ def test_greedy_scores_are_argmax_and_its_softmax_probability():
     assert torch.equal(out["x0"], x.argmax(dim=1))
     want = torch.softmax(x.double(), dim=1).gather(1, x.argmax(dim=1)[:, None]).squeeze(1).float()
     torch.testing.assert_close(out["prob"], want, atol=1e-6, rtol=1e-6)
+
+
+def adversarial_selection(g: torch.Generator, num_seqs: int, num_rows: int, grouped: bool):
+    """select_commits arguments with many ties, -inf, +inf, NaN and signed
+    zeros among the confidences, quotas from negative to past the rows,
+    and a threshold per sequence that is off (0 or negative) or on."""
+    values = torch.tensor([0.0, -0.0, 0.25, 0.5, 0.75, 1.0, float("inf"), float("-inf"), float("nan")])
+    weights = torch.tensor([3.0, 3.0, 3.0, 3.0, 3.0, 2.0, 1.0, 2.0, 1.0])
+    conf = values[torch.multinomial(weights, num_rows, replacement=True, generator=g)] if num_rows else values[:0]
+    row_seq = torch.randint(0, num_seqs, (num_rows,), generator=g)
+    if grouped:
+        row_seq = row_seq.sort().values
+    quota = torch.randint(-1, num_rows // num_seqs + 3, (num_seqs,), generator=g)
+    threshold = torch.tensor([0.0, -0.5, 0.5, 0.75, 1.0, float("inf")])[torch.randint(0, 6, (num_seqs,), generator=g)]
+    return conf, row_seq, quota, threshold
+
+
+def test_select_commits_host_is_the_torch_twin():
+    """The numpy select (the CPU path) commits exactly the torch twin's
+    rows: one sequence and many, grouped and interleaved, ties to the lower
+    row, NaN ranked first as torch's descending sort does, -inf, zero and
+    oversized quotas, both rules."""
+    g = torch.Generator().manual_seed(0)
+    for t in range(600):
+        num_seqs = 1 if t % 3 == 0 else int(torch.randint(2, 9, (1,), generator=g))
+        num_rows = int(torch.randint(0, 70, (1,), generator=g))
+        conf, row_seq, quota, threshold = adversarial_selection(g, num_seqs, num_rows, grouped=t % 2 == 0)
+        for tau in (None, threshold):
+            want = reference.select_commits(conf, row_seq, quota, tau)
+            got = reference.select_commits_host(conf.numpy(), row_seq.numpy(), quota.numpy(),
+                                                None if tau is None else tau.numpy())
+            assert got.dtype == bool and torch.equal(torch.from_numpy(got), want), (conf, row_seq, quota, tau)
+            assert torch.equal(ops.select_commits(conf, row_seq, quota, tau), want)  # CPU tensors: the numpy path
+
+
+def test_select_commits_host_ranks_nan_first_and_ties_low():
+    conf = np.array([0.5, np.nan, 0.9, 0.9, np.nan], dtype=np.float32)
+    one = np.zeros(5, dtype=np.int64)
+    assert reference.select_commits_host(conf, one, np.array([3])).tolist() == [False, True, True, False, True]
+    assert reference.select_commits_host(conf[[0, 2, 3]], one[:3], np.array([1])).tolist() == [False, True, False]
+    two = np.array([0, 0, 1, 1, 1])
+    got = reference.select_commits_host(conf, two, np.array([1, 1]), np.array([0.0, 0.95], dtype=np.float32))
+    assert got.tolist() == [False, True, False, False, True]  # seq 1: nothing >= 0.95, its first (NaN) row
+
+
+def test_select_commits_host_past_16_bit_sequence_ids():
+    """More sequences than 16-bit keys hold: the grouping sort takes its
+    int64 path and still matches the twin."""
+    g = torch.Generator().manual_seed(3)
+    num_seqs = 2**15 + 7
+    conf, _, _, threshold = adversarial_selection(g, 4, 300, grouped=False)
+    row_seq = torch.randint(num_seqs - 40, num_seqs, (300,), generator=g)  # ids past 2**15 - 1
+    quota = torch.randint(0, 4, (num_seqs,), generator=g)
+    threshold = threshold.repeat(num_seqs // 4 + 1)[:num_seqs]
+    for tau in (None, threshold):
+        want = reference.select_commits(conf, row_seq, quota, tau)
+        assert torch.equal(ops.select_commits(conf, row_seq, quota, tau), want)
