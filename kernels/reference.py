@@ -86,8 +86,14 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     vectorized argmax computes it: torch's row-wise argmax is a scalar loop
     there, some 10x slower over a vocabulary (a fixed cost of every step)."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.shape[1] > 0:
-        return torch.from_numpy(np.argmax(x.detach().numpy(), axis=1))
+        return torch.from_numpy(x.detach().numpy().argmax(axis=1))
     return x.argmax(dim=1)
+
+
+def _any_positive(x: torch.Tensor) -> bool:
+    """Whether some value of x is > 0: read in numpy on the CPU (a third of
+    torch's gt + any + bool there: host time per step), a device sync elsewhere."""
+    return bool((x.numpy() > 0).any()) if x.is_cpu else bool((x > 0).any())
 
 
 def unmask_scores(
@@ -106,13 +112,12 @@ def unmask_scores(
     Returns float32 ``prob`` (and ``margin``/``entropy``) and int64 ``x0``.
     """
     work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    logits = logits.to(work_dtype)
+    logits = _as(logits, work_dtype)
     if banned_ids is not None and banned_ids.numel() > 0:
         logits = logits.index_fill(1, banned_ids.to(logits.device), float("-inf"))
     scores = logits
-    sampled = temperature > 0
-    if bool(sampled.any()):
-        rows = sampled.nonzero().squeeze(1)
+    if _any_positive(temperature):
+        rows = (temperature > 0).nonzero().squeeze(1)
         noise = gumbel_noise(seed[rows], row_offset[rows], logits.shape[1]).to(work_dtype)
         t = temperature[rows].to(work_dtype)[:, None]
         scores = logits.clone()

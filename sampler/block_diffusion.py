@@ -95,30 +95,31 @@ class StepRows:
                                       alg_temps or [0.0] * len(counts), transfer_probs or [1.0] * len(counts),
                                       device)
 
-        # Spread to rows on the host (numpy: a torch op costs microseconds, a step's fixed cost), one tensor
-        # per dtype copied to the device.
+        # Spread to rows on the host in numpy (a torch op costs microseconds, a step's fixed cost; array methods,
+        # not numpy's module functions, which add a Python wrapper each), then tensors per dtype (_on_device).
         num_seqs = len(counts)
-        row_seq = np.repeat(np.arange(num_seqs, dtype=np.int64), counts)
-        floats = np.array([temperatures, top_ps or [1.0] * num_seqs], dtype=np.float32)[:, row_seq]  # (2, num_rows)
-        ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs], dtype=np.int64)[:, row_seq]  # (3, num_rows)
+        row_seq = np.arange(num_seqs, dtype=np.int64).repeat(counts)
         offsets = np.fromiter(itertools.chain.from_iterable(row_offsets), dtype=np.int64, count=len(row_seq))
-        ints = np.concatenate((ints, row_seq[None], offsets[None]))  # (5, num_rows)
+        floats = np.array([temperatures, top_ps or [1.0] * num_seqs], dtype=np.float32).repeat(counts, axis=1)
+        ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs], dtype=np.int64).repeat(counts, axis=1)
         rule_of = [REMASKING[r].rule for r in remasking]
         per_seq = np.array([[t if r == "threshold" else 0.0 for t, r in zip(thresholds or [0.0] * num_seqs, rule_of)],
                             [f if r == "factor" else 0.0 for f, r in zip(factors or [0.0] * num_seqs, rule_of)]],
                            dtype=np.float32)  # (2, num_seqs): threshold, factor
-        floats_t, ints_t, per_seq_t = (torch.from_numpy(a).to(device) for a in (floats, ints, per_seq))
+        row_seq_t, offset_t, seed_t, random_seed_t, top_k_t, quota_t = _on_device(
+            [row_seq, offsets, *ints, np.array(quotas, dtype=np.int64)], device)
+        temperature_t, top_p_t, threshold_t, factor_t = _on_device([*floats, *per_seq], device)
         return cls(
-            row_seq=ints_t[3],
-            row_offset=ints_t[4],
-            temperature=floats_t[0],
-            seed=ints_t[0],
-            random_seed=ints_t[1],
-            top_k=ints_t[2],
-            top_p=floats_t[1],
-            quota=torch.from_numpy(np.array(quotas, dtype=np.int64)).to(device),
-            threshold=per_seq_t[0],
-            factor=per_seq_t[1],
+            row_seq=row_seq_t,
+            row_offset=offset_t,
+            temperature=temperature_t,
+            seed=seed_t,
+            random_seed=random_seed_t,
+            top_k=top_k_t,
+            top_p=top_p_t,
+            quota=quota_t,
+            threshold=threshold_t,
+            factor=factor_t,
             remasking=remasking,
             any_filter=any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
                            for t, k, p in zip(temperatures, top_ks or [0] * num_seqs,
@@ -126,6 +127,16 @@ class StepRows:
             any_factor="factor" in rule_of,
             family=family,
         )
+
+
+def _on_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+    """Host arrays of one dtype as tensors on ``device``: views on the CPU
+    (no copy, no op), one copy of them all to another device (a copy per
+    array would cost a transfer each)."""
+    if device.type == "cpu":
+        return [torch.from_numpy(a) for a in arrays]
+    sizes = [a.shape[0] for a in arrays]
+    return list(torch.from_numpy(np.concatenate(arrays)).to(device, non_blocking=True).split(sizes))
 
 
 def apply_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
