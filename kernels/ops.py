@@ -99,9 +99,10 @@ def unmask_scores(
     temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy
     seed: torch.Tensor,  # (num_rows,) int64
     row_offset: torch.Tensor,  # (num_rows,) int64
-    **kwargs,  # banned_ids, with_margin, with_entropy: see kernels.reference
+    **kwargs,  # banned_ids, with_margin, with_entropy, any_sampled: see kernels.reference
 ) -> dict[str, torch.Tensor]:
     if _use_triton(logits):
+        kwargs.pop("any_sampled", None)  # the kernel reads each row's temperature itself
         from kernels import unmask
         return unmask.unmask_scores(logits, temperature, seed, row_offset, **kwargs)
     return reference.unmask_scores(logits, temperature, seed, row_offset, **kwargs)

@@ -90,12 +90,6 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(dim=1)
 
 
-def _any_positive(x: torch.Tensor) -> bool:
-    """Whether some value of x is > 0: read in numpy on the CPU (a third of
-    torch's gt + any + bool there: host time per step), a device sync elsewhere."""
-    return bool((x.numpy() > 0).any()) if x.is_cpu else bool((x > 0).any())
-
-
 def unmask_scores(
     logits: torch.Tensor,  # (num_rows, vocab)
     temperature: torch.Tensor,  # (num_rows,) float32, 0 = greedy
@@ -104,6 +98,8 @@ def unmask_scores(
     banned_ids: torch.Tensor | None = None,  # (num_banned,) token ids never predicted
     with_margin: bool = False,
     with_entropy: bool = False,
+    any_sampled: bool | None = None,  # whether some row has T > 0, when the caller knows it on the host;
+    # None = read from temperature (a device sync, and a few torch ops: host time per step)
 ) -> dict[str, torch.Tensor]:
     """Per row: x0 = argmax(logits / T + Gumbel) (plain argmax where T = 0),
     the softmax probability of x0 under the unscaled logits, and optionally
@@ -116,7 +112,7 @@ def unmask_scores(
     if banned_ids is not None and banned_ids.numel() > 0:
         logits = logits.index_fill(1, banned_ids.to(logits.device), float("-inf"))
     scores = logits
-    if _any_positive(temperature):
+    if any_sampled if any_sampled is not None else bool((temperature > 0).any()):
         rows = (temperature > 0).nonzero().squeeze(1)
         noise = gumbel_noise(seed[rows], row_offset[rows], logits.shape[1]).to(work_dtype)
         t = temperature[rows].to(work_dtype)[:, None]

@@ -58,6 +58,7 @@ class VocabShard:
         banned_ids: torch.Tensor | None = None,  # (num_banned,) global token ids never predicted
         with_margin: bool = False,
         with_entropy: bool = False,
+        any_sampled: bool | None = None,  # some row has T > 0, known on the host; None = read from temperature
     ) -> dict[str, torch.Tensor]:
         """``kernels.reference.unmask_scores`` of the whole rows; see the module docstring."""
         work = torch.float64 if logits.dtype == torch.float64 else torch.float32
@@ -68,9 +69,8 @@ class VocabShard:
             local = local[(local >= self.start) & (local < self.end)] - self.start
             l = l.index_fill(1, local, float("-inf"))
         scores = l
-        sampled = temperature > 0
-        if bool(sampled.any()):
-            idx = sampled.nonzero().squeeze(1)
+        if any_sampled if any_sampled is not None else bool((temperature > 0).any()):
+            idx = (temperature > 0).nonzero().squeeze(1)
             scores = l.clone()
             scores[idx] = l[idx] / temperature[idx].to(work)[:, None] + self._noise(seed[idx], row_offset[idx], work)
         m = l.max(dim=1).values

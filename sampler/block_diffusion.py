@@ -68,6 +68,7 @@ class StepRows:
     remasking: list[str]  # sequence -> strategy name
     any_filter: bool  # some row samples with top-k / top-p (known on the host: no sync)
     any_factor: bool  # some sequence uses the factor rule
+    any_sampled: bool  # some row has temperature > 0 (known on the host: no sync)
     family: FamilyRows | None = None  # LLaDA2's / Dream's settings; None = every sequence is LLaDA's
 
     @classmethod
@@ -125,6 +126,7 @@ class StepRows:
                            for t, k, p in zip(temperatures, top_ks or [0] * num_seqs,
                                               top_ps or [1.0] * num_seqs)),
             any_factor="factor" in rule_of,
+            any_sampled=any(t > 0 for t in temperatures),
             family=family,
         )
 
@@ -203,11 +205,13 @@ def denoise_step(logits: torch.Tensor, rows: StepRows,
         idx = filtered.nonzero().squeeze(1)
         sampling_logits = logits.clone()
         sampling_logits[idx] = top_k_top_p_filter(logits[idx], rows.top_k[idx], rows.top_p[idx])
-        scores = unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset, **needs)
+        scores = unmask_scores(sampling_logits, rows.temperature, rows.seed, rows.row_offset, **needs,
+                               any_sampled=rows.any_sampled)
         log_probs = torch.log_softmax(logits[idx].float(), dim=1)
         scores["prob"][idx] = log_probs.gather(1, scores["x0"][idx, None]).squeeze(1).exp()
     else:
-        scores = unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs)
+        scores = unmask_scores(logits, rows.temperature, rows.seed, rows.row_offset, **needs,
+                               any_sampled=rows.any_sampled)
     fam = rows.family
     prob_exact = scores["prob"]  # what threshold rules compare (the sampling distribution's, unrounded, if so)
     if fam is not None and bool(fam.dist.any()):

@@ -103,3 +103,20 @@ def test_select_commits_host_past_16_bit_sequence_ids():
     for tau in (None, threshold):
         want = reference.select_commits(conf, row_seq, quota, tau)
         assert torch.equal(ops.select_commits(conf, row_seq, quota, tau), want)
+
+
+def test_any_sampled_from_the_host_gives_the_same_scores():
+    """A caller that knows on the host whether any row samples (StepRows)
+    gets bit-identical scores to the twin's own read of the temperatures:
+    greedy batches, mixed ones, and all sampled."""
+    logits = torch.randn(12, 300, generator=torch.Generator().manual_seed(4))
+    seeds, offsets = torch.arange(12) * 7 + 1, torch.arange(12)
+    for temps in ([0.0] * 12, [0.0, 0.7] * 6, [1.3] * 12):
+        temperature = torch.tensor(temps)
+        want = reference.unmask_scores(logits, temperature, seeds, offsets, with_margin=True, with_entropy=True)
+        got = reference.unmask_scores(logits, temperature, seeds, offsets, with_margin=True, with_entropy=True,
+                                      any_sampled=max(temps) > 0)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+        if max(temps) > 0:  # the flag is what decides: saying "none" gives the greedy argmax
+            greedy = reference.unmask_scores(logits, temperature, seeds, offsets, any_sampled=False)
+            assert torch.equal(greedy["x0"], logits.argmax(dim=1)) and not torch.equal(greedy["x0"], want["x0"])

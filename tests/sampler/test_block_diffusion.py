@@ -87,3 +87,24 @@ def test_select_commits_one_sequence_matches_grouped_path():
         assert torch.equal(one, grouped), (conf, q, tau)
         if t % 3:  # no -inf rows: the count each rule gives
             assert int(one.sum()) == (min(q, n) if tau == 0 else max(1, int((conf >= tau).sum())))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_step_rows_host_flags_and_tensors(device):
+    """StepRows' host-known flags and its tensors as the per-sequence lists
+    say, spread to rows in order (CPU tensors are views of host arrays; on
+    a GPU one copy per dtype, split)."""
+    rows = StepRows.build([[0, 2], [], [1, 3, 5]], [1, 0, 2], [0.0, 0.0, 0.5], [11, 12, 13], [21, 22, 23],
+                          ["low_confidence", "threshold", "factor"], torch.device(device), top_ks=[0, 3, 0],
+                          top_ps=[1.0, 1.0, 0.9], thresholds=[0.0, 0.8, 0.7], factors=[0.0, 0.0, 1.5])
+    assert rows.any_sampled and rows.any_filter and rows.any_factor
+    assert rows.row_seq.tolist() == [0, 0, 2, 2, 2] and rows.row_offset.tolist() == [0, 2, 1, 3, 5]
+    assert rows.seed.tolist() == [11, 11, 13, 13, 13] and rows.random_seed.tolist() == [21, 21, 23, 23, 23]
+    assert rows.temperature.tolist() == [0.0, 0.0, 0.5, 0.5, 0.5] and rows.top_k.tolist() == [0, 0, 0, 0, 0]
+    assert rows.top_p.dtype == torch.float32 and rows.top_p.tolist() == pytest.approx([1.0, 1.0, 0.9, 0.9, 0.9])
+    assert rows.quota.tolist() == [1, 0, 2] and rows.quota.dtype == torch.int64
+    assert rows.threshold.tolist() == pytest.approx([0.0, 0.8, 0.0]) and rows.factor.tolist() == [0.0, 0.0, 1.5]
+    assert all(t.device.type == device for t in (rows.row_seq, rows.temperature, rows.quota, rows.factor))
+    greedy = StepRows.build([[0, 1]], [1], [0.0], [1], [2], ["low_confidence"], torch.device("cpu"))
+    assert not (greedy.any_sampled or greedy.any_filter or greedy.any_factor)
