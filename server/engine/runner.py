@@ -107,6 +107,8 @@ class ModelRunner:
             self.kv_cache = PagedKVCache.allocate(cfg.n_layers, num_kv_pages, page_size, cfg.n_kv_heads,
                                                   cfg.head_dim, model.dtype, model.device)
         self.graphs: StepGraphs | None = None  # captured static steps (capture_graphs)
+        # (num_packed, each sequence's pages, the block table) of the last cache step (_block_table)
+        self._table: tuple[int, list[list[int]], torch.Tensor] | None = None
 
     def capture_graphs(self, widths: list[int], max_pages: int, new_graph: Callable[[], Graph]) -> StepGraphs:
         """Captures the static use steps of these widths at every bucket
@@ -243,7 +245,10 @@ class ModelRunner:
         if flat_rows is None:
             flat_rows = flat_ints([s.rows for s in seqs], sum(counts))
         positions = flat_rows[picked].tolist()
-        cuts = picked.searchsorted(list(itertools.accumulate(counts))).tolist()  # seq -> end of its commits
+        if len(seqs) == 1:  # all of them (a searchsorted costs microseconds: host time at batch 1)
+            cuts = [len(positions)]
+        else:
+            cuts = picked.searchsorted(list(itertools.accumulate(counts))).tolist()  # seq -> end of its commits
         j = 0
         for s, k in zip(seqs, cuts):
             out.commits[s.req_id] = (positions[j:k], tokens[j:k])
@@ -357,14 +362,6 @@ class ModelRunner:
             return None
         page_size = self.kv_cache.page_size
         num_packed = len(cu_seqlens) - 1  # unconditional canvases (cfg) follow seqs and use no cache
-        num_pages = [len(s.pages) for s in seqs] + [0] * (num_packed - len(seqs))
-        max_pages = max(num_pages) or 1
-        pages = flat_ints([s.pages for s in seqs], sum(num_pages))  # every sequence's pages end to end
-        if num_pages[-1] == max_pages and num_pages.count(max_pages) == num_packed:  # equal canvases: one reshape
-            table = pages.astype(np.int32).reshape(num_packed, max_pages)
-        else:  # padding, cfg rows and shorter tables: page 0, never read
-            table = np.zeros((num_packed, max_pages), dtype=np.int32)
-            table[np.arange(max_pages) < np.array(num_pages)[:, None]] = pages  # each row's first pages, row-major
         cached = [p.cached for p in plans] + [0] * (num_packed - len(seqs))
         dev = self.device
         slots = None  # a step of use steps only stores nothing
@@ -376,7 +373,27 @@ class ModelRunner:
                     slots[start - p.start + np.asarray(p.stored)] = \
                         np.asarray(s.pages)[j // page_size] * page_size + j % page_size
             slots = torch.from_numpy(slots).to(dev)
-        return CacheView(self.kv_cache, torch.from_numpy(table).to(dev), cached, slots)
+        return CacheView(self.kv_cache, self._block_table(seqs, num_packed), cached, slots)
+
+    def _block_table(self, seqs: list[ScheduledSeq], num_packed: int) -> torch.Tensor:
+        """(num_packed, max_pages) int32 on the device: each sequence's pages, page 0 past them (padding, cfg
+        rows and shorter tables: never read). A request's pages are fixed from admission to its end, so the
+        last step's table is kept while the batch's pages are the same (host time per step: a steady batch
+        builds none); they are compared by value."""
+        pages = [s.pages for s in seqs]
+        if self._table is not None and self._table[0] == num_packed and self._table[1] == pages:
+            return self._table[2]
+        num_pages = [len(p) for p in pages] + [0] * (num_packed - len(seqs))
+        max_pages = max(num_pages) or 1
+        flat = flat_ints(pages, sum(num_pages))  # every sequence's pages end to end
+        if num_pages[-1] == max_pages and num_pages.count(max_pages) == num_packed:  # equal canvases: one reshape
+            table = flat.astype(np.int32).reshape(num_packed, max_pages)
+        else:
+            table = np.zeros((num_packed, max_pages), dtype=np.int32)
+            table[np.arange(max_pages) < np.array(num_pages)[:, None]] = flat  # each row's first pages, row-major
+        table_t = torch.from_numpy(table).to(self.device)
+        self._table = (num_packed, [list(p) for p in pages], table_t)
+        return table_t
 
     def _guide(self, cond: torch.Tensor, uncond: torch.Tensor, seqs) -> torch.Tensor:
         """Replaces the rows of guided sequences by their cfg combination.

@@ -221,3 +221,29 @@ def test_every_mode_and_guidance_share_one_batch(golden_dir):
     while engine.has_unfinished():
         done.update({o.req_id: o.token_ids for o in engine.step() if o.finished})
     assert [done[f"s{i}"] for i in range(len(kinds) - 1)] + [done["late"]] == alone
+
+
+def test_block_table_is_rebuilt_whenever_the_pages_change(golden_dir):
+    """The runner keeps the last step's block table while the batch's pages
+    are the same, and builds a new one when a request joins, leaves, moves
+    or its page list changes (compared by value), or cfg rows are added."""
+    from types import SimpleNamespace
+
+    from server.engine.runner import ModelRunner
+
+    runner = ModelRunner(load_model(golden_dir, "float32", "cpu"), mask_id=310, num_kv_pages=32, page_size=4)
+    a, b = SimpleNamespace(pages=[5, 2, 9]), SimpleNamespace(pages=[7, 1])
+
+    def table(seqs, num_packed=None):
+        return runner._block_table(seqs, len(seqs) if num_packed is None else num_packed).tolist()
+
+    first = runner._block_table([a, b], 2)
+    assert first.dtype == torch.int32 and first.tolist() == [[5, 2, 9], [7, 1, 0]]
+    assert runner._block_table([a, b], 2) is first  # nothing changed: kept
+    assert table([b, a]) == [[7, 1, 0], [5, 2, 9]]
+    assert table([a]) == [[5, 2, 9]]
+    assert table([a], 2) == [[5, 2, 9], [0, 0, 0]]  # a cfg canvas: no pages
+    a.pages[1] = 4  # the same list, another page
+    assert table([a], 2) == [[5, 4, 9], [0, 0, 0]]
+    a.pages = [3, 6, 8]
+    assert table([a, b]) == [[3, 6, 8], [7, 1, 0]]
