@@ -120,3 +120,17 @@ def test_any_sampled_from_the_host_gives_the_same_scores():
         if max(temps) > 0:  # the flag is what decides: saying "none" gives the greedy argmax
             greedy = reference.unmask_scores(logits, temperature, seeds, offsets, any_sampled=False)
             assert torch.equal(greedy["x0"], logits.argmax(dim=1)) and not torch.equal(greedy["x0"], want["x0"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_row_pick_is_gather(dtype):
+    """row_pick (numpy's fancy index on CPU) copies exactly gather's values,
+    -inf, +inf and NaN included; float16 takes torch's own gather."""
+    for seed in range(4):
+        x = awkward_logits(23, 50, dtype, seed)
+        index = torch.randint(0, 50, (23,), generator=torch.Generator().manual_seed(seed))
+        want = x.gather(1, index[:, None]).squeeze(1)
+        got = reference.row_pick(x, index)
+        assert got.dtype == dtype and got.shape == (23,)
+        assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert reference.row_pick(torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64)).shape == (0,)
