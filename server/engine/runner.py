@@ -137,13 +137,18 @@ class ModelRunner:
         ids: list[int] = []
         for s, p in zip(seqs, plans):
             ids += s.canvas[p.start:p.end]
-        # Array methods, not numpy's module functions: those add microseconds of Python each (host time at batch 1).
-        shift = np.array([c - p.start for c, p in zip(cu_seqlens, plans)], dtype=np.int64)  # packed index - position
-        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - shift.repeat(lens)]
         seq_rows = [sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows for s in seqs]  # each in canvas order
         row_counts = [len(r) for r in seq_rows]
+        # Each token's and row's packed index - canvas position. Array methods, not numpy's module functions:
+        # those add microseconds of Python each; one sequence's is a plain int (host time at batch 1).
+        if len(plans) == 1:
+            token_shift = row_shift = -plans[0].start
+        else:
+            shift = np.array([c - p.start for c, p in zip(cu_seqlens, plans)], dtype=np.int64)
+            token_shift, row_shift = shift.repeat(lens), shift.repeat(row_counts)
+        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - token_shift]
         flat_rows = flat_ints(seq_rows, sum(row_counts))  # every row's canvas position
-        cond_rows = flat_rows + shift.repeat(row_counts)  # its packed index
+        cond_rows = flat_rows + row_shift  # its packed index
         uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
         num_pad = 0
         if width is not None:  # padding sequences: blocks of masks that attend only to themselves
