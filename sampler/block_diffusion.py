@@ -99,17 +99,19 @@ class StepRows:
         # Spread to rows on the host in numpy (a torch op costs microseconds, a step's fixed cost; array methods,
         # not numpy's module functions, which add a Python wrapper each), then tensors per dtype (_on_device).
         num_seqs = len(counts)
+        rule_of = [REMASKING[r].rule for r in remasking]
+        floats = np.array([temperatures, top_ps or [1.0] * num_seqs,
+                           [t if r == "threshold" else 0.0 for t, r in zip(thresholds or [0.0] * num_seqs, rule_of)],
+                           [f if r == "factor" else 0.0 for f, r in zip(factors or [0.0] * num_seqs, rule_of)]],
+                          dtype=np.float32)  # (4, num_seqs): temperature, top_p, threshold, factor
+        ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs, quotas],
+                        dtype=np.int64)  # (4, num_seqs): seed, random_seed, top_k, quota
         row_seq = np.arange(num_seqs, dtype=np.int64).repeat(counts)
         offsets = np.fromiter(itertools.chain.from_iterable(row_offsets), dtype=np.int64, count=len(row_seq))
-        floats = np.array([temperatures, top_ps or [1.0] * num_seqs], dtype=np.float32).repeat(counts, axis=1)
-        ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs], dtype=np.int64).repeat(counts, axis=1)
-        rule_of = [REMASKING[r].rule for r in remasking]
-        per_seq = np.array([[t if r == "threshold" else 0.0 for t, r in zip(thresholds or [0.0] * num_seqs, rule_of)],
-                            [f if r == "factor" else 0.0 for f, r in zip(factors or [0.0] * num_seqs, rule_of)]],
-                           dtype=np.float32)  # (2, num_seqs): threshold, factor
         row_seq_t, offset_t, seed_t, random_seed_t, top_k_t, quota_t = _on_device(
-            [row_seq, offsets, *ints, np.array(quotas, dtype=np.int64)], device)
-        temperature_t, top_p_t, threshold_t, factor_t = _on_device([*floats, *per_seq], device)
+            [row_seq, offsets, *ints[:3].repeat(counts, axis=1), ints[3]], device)
+        temperature_t, top_p_t, threshold_t, factor_t = _on_device(
+            [*floats[:2].repeat(counts, axis=1), floats[2], floats[3]], device)
         return cls(
             row_seq=row_seq_t,
             row_offset=offset_t,

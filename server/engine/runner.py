@@ -139,14 +139,16 @@ class ModelRunner:
             ids += s.canvas[p.start:p.end]
         seq_rows = [sorted(s.rows + s.edit_rows) if s.edit_rows else s.rows for s in seqs]  # each in canvas order
         row_counts = [len(r) for r in seq_rows]
-        # Each token's and row's packed index - canvas position. Array methods, not numpy's module functions:
-        # those add microseconds of Python each; one sequence's is a plain int (host time at batch 1).
+        # Each packed token's canvas position, and each row's packed index - its canvas position. Array methods,
+        # not numpy's module functions: those add microseconds of Python each; one sequence's are a range and a
+        # plain int (host time at batch 1).
         if len(plans) == 1:
-            token_shift = row_shift = -plans[0].start
+            row_shift = -plans[0].start
+            positions: list[np.ndarray] = [np.arange(plans[0].start, plans[0].end, dtype=np.int64)]
         else:
             shift = np.array([c - p.start for c, p in zip(cu_seqlens, plans)], dtype=np.int64)
-            token_shift, row_shift = shift.repeat(lens), shift.repeat(row_counts)
-        positions: list[np.ndarray] = [np.arange(cu_seqlens[-1], dtype=np.int64) - token_shift]
+            row_shift = shift.repeat(row_counts)
+            positions = [np.arange(cu_seqlens[-1], dtype=np.int64) - shift.repeat(lens)]
         flat_rows = flat_ints(seq_rows, sum(row_counts))  # every row's canvas position
         cond_rows = flat_rows + row_shift  # its packed index
         uncond_rows: list[int] = []  # the same rows in the unconditional canvas (cfg only)
