@@ -347,19 +347,18 @@ def select_commits_host(
     microseconds each, a numpy array method costs well under one (the CPU
     engine's steps at small batches)."""
     num_rows = confidence.shape[0]
-    # Most confident first, stable so ties keep row order. numpy sorts NaN last, torch's descending sort first.
-    order = (-confidence).argsort(kind="stable")
-    if num_rows and confidence[order[-1]] != confidence[order[-1]]:
-        num_nan = int((confidence != confidence).sum())
-        order = np.concatenate((order[num_rows - num_nan:], order[:num_rows - num_nan]))
     commit = np.zeros(num_rows, dtype=bool)
-    if quota.shape[0] == 1:  # one sequence (every step at batch 1): already grouped
-        if threshold is not None and threshold[0] > 0:
+    if quota.shape[0] == 1 and num_rows:  # one sequence (every step at batch 1): no grouping
+        # Its most confident row is the first maximum: numpy's argmax ranks NaN highest, as torch's sort does.
+        if threshold is not None and threshold[0] > 0:  # every row at or above tau, and at least the most confident
             commit[confidence >= threshold[0]] = True
-            commit[order[:1]] = True  # at least its most confident row
+            commit[confidence.argmax()] = True
+        elif quota[0] == 1:  # one step's usual quota: no sort
+            commit[confidence.argmax()] = True
         else:
-            commit[order[:max(int(quota[0]), 0)]] = True
+            commit[_descending(confidence)[:max(int(quota[0]), 0)]] = True
         return commit
+    order = _descending(confidence)
     seq_of = row_seq[order]
     if quota.shape[0] <= np.iinfo(np.int16).max:  # 16-bit keys: numpy's stable sort is a radix sort, 5x faster
         seq_of = seq_of.astype(np.int16)
@@ -373,6 +372,16 @@ def select_commits_host(
         take = np.where(by_threshold, (confidence[order] >= threshold[seq_sorted]) | (rank == 0), take)
     commit[order] = take
     return commit
+
+
+def _descending(confidence: np.ndarray) -> np.ndarray:
+    """Row indices, most confident first, ties in row order, NaN first: the
+    order of torch's stable descending sort (numpy's sorts NaN last)."""
+    order = (-confidence).argsort(kind="stable")
+    if order.shape[0] and confidence[order[-1]] != confidence[order[-1]]:
+        num_nan = int((confidence != confidence).sum())
+        order = np.concatenate((order[-num_nan:], order[:-num_nan]))
+    return order
 
 
 def commit_to_canvas(
