@@ -130,7 +130,7 @@ def unmask_scores(
         scores[rows] = logits[rows] / t + noise
     x0 = row_argmax(scores)
     log_probs = torch.log_softmax(logits, dim=1)
-    out = {"x0": x0, "prob": row_pick(log_probs, x0).exp().float()}
+    out = {"x0": x0, "prob": _as(row_pick(log_probs, x0).exp(), torch.float32)}
     if with_margin:
         top2 = log_probs.topk(min(2, logits.shape[1]), dim=1).values.exp()
         second = top2[:, 1] if top2.shape[1] > 1 else torch.zeros_like(top2[:, 0])

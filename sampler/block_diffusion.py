@@ -100,10 +100,11 @@ class StepRows:
         # not numpy's module functions, which add a Python wrapper each), then tensors per dtype (_on_device).
         num_seqs = len(counts)
         rule_of = [REMASKING[r].rule for r in remasking]
-        floats = np.array([temperatures, top_ps or [1.0] * num_seqs,
-                           [t if r == "threshold" else 0.0 for t, r in zip(thresholds or [0.0] * num_seqs, rule_of)],
-                           [f if r == "factor" else 0.0 for f, r in zip(factors or [0.0] * num_seqs, rule_of)]],
-                          dtype=np.float32)  # (4, num_seqs): temperature, top_p, threshold, factor
+        any_sampled = any(t > 0 for t in temperatures)
+        zeros = [0.0] * num_seqs
+        floats = np.array([temperatures, top_ps or [1.0] * num_seqs,  # (4, num_seqs): temperature, top_p,
+                           _where_rule("threshold", thresholds or zeros, rule_of),  # threshold,
+                           _where_rule("factor", factors or zeros, rule_of)], dtype=np.float32)  # factor
         ints = np.array([seeds, random_seeds, top_ks or [0] * num_seqs, quotas],
                         dtype=np.int64)  # (4, num_seqs): seed, random_seed, top_k, quota
         row_seq = np.arange(num_seqs, dtype=np.int64).repeat(counts)
@@ -124,13 +125,20 @@ class StepRows:
             threshold=threshold_t,
             factor=factor_t,
             remasking=remasking,
-            any_filter=any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
-                           for t, k, p in zip(temperatures, top_ks or [0] * num_seqs,
-                                              top_ps or [1.0] * num_seqs)),
+            any_filter=any_sampled and any(t > 0 and ((k or 0) > 0 or (p if p is not None else 1.0) < 1)
+                                           for t, k, p in zip(temperatures, top_ks or [0] * num_seqs,
+                                                              top_ps or [1.0] * num_seqs)),
             any_factor="factor" in rule_of,
-            any_sampled=any(t > 0 for t in temperatures),
+            any_sampled=any_sampled,
             family=family,
         )
+
+
+def _where_rule(rule: str, values: list[float], rule_of: list[str]) -> list[float]:
+    """Each sequence's value where its strategy follows ``rule``, else 0 (the rule off)."""
+    if rule not in rule_of:  # the usual step: no scan
+        return [0.0] * len(values)
+    return [v if r == rule else 0.0 for v, r in zip(values, rule_of)]
 
 
 def _on_device(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
