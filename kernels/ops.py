@@ -118,7 +118,8 @@ def select_commits(
     x0: torch.Tensor | None = None,  # (num_rows,) int64 row -> predicted token
 ) -> torch.Tensor:
     """(num_rows,) bool rows to commit; with ``canvas`` also writes the
-    committed rows' x0 into it (``reference.commit_to_canvas``)."""
+    committed rows' x0 into it (``reference.commit_to_canvas``). CPU tensors
+    take ``reference.select_commits_host`` (numpy, equal to the torch twin)."""
     if _use_triton(confidence):
         from kernels import unmask
         return unmask.select_commits(confidence, row_seq, quota, threshold, canvas, positions, x0)
