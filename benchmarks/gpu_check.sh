@@ -65,6 +65,15 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 exec > >(tee "$out/gpu_check.log") 2>&1
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+# The golden sets: the tests read ../shared/golden beside the repository, which does not travel to a
+# lent GPU machine; a shared/golden inside the checkout does (copy it there before the run:
+# `cp -r ../shared/golden shared/`), and is then named to the tests by their LLADA_GOLDEN_* variables.
+if [ ! -d "$repo/../shared/golden" ] && [ -d "$repo/shared/golden" ]; then
+    for set in llada llada-moe llada2 dream; do
+        var="LLADA_GOLDEN_$(echo "$set" | tr 'a-z-' 'A-Z_')"
+        [ -d "$repo/shared/golden/$set-tiny" ] && [ -z "${!var:-}" ] && export "$var=$repo/shared/golden/$set-tiny"
+    done
+fi
 [ ${#small[@]} -gt 0 ] || unset TRITON_INTERPRET  # compiled kernels, not the interpreter
 budget=${GPU_CHECK_BUDGET:-470}
 # A dry run (--small) checks that every part runs, not its speed: on a loaded CPU the

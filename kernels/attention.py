@@ -75,7 +75,7 @@ def _attention_kernel(
     num_cached = 0
     if HAS_CACHE:
         num_cached = tl.load(cache_len_ptr + seq)
-    kv_head = head // GROUP
+    kv_head = (head // GROUP).to(tl.int64)  # x a head's stride of a large pool: past 2^31 elements
 
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)

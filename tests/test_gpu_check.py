@@ -77,3 +77,28 @@ def test_decode_floor_counts_the_real_model():
     head = 2 * cfg.d_model * cfg.embedding_size  # the LM head is not run on a row without logits
     attention = 4 * cfg.n_layers * cfg.d_model * 320 * 320
     assert one == 2 * (matrices - head // 2) * 320 + attention and two == 2 * one
+
+
+def test_a_part_ended_by_the_drivers_timeout_still_writes_its_record(tmp_path):
+    """gpu_check.sh's `timeout` sends SIGTERM: the part's record is written
+    with what it measured so far, marked failed."""
+    import signal
+    import sys
+
+    script = tmp_path / "slow_part.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(REPO / 'benchmarks' / 'gpu_parts')!r})\n"
+        "from _part import run_part\n"
+        "def body(args, rec):\n"
+        "    rec.line('measured before the timeout')\n"
+        "    print('ready', flush=True)\n"
+        "    time.sleep(60)\n"
+        "run_part('slow', body)\n")
+    record = tmp_path / "slow.json"
+    proc = subprocess.Popen([sys.executable, str(script), "--json", str(record)], stdout=subprocess.PIPE, text=True)
+    assert [proc.stdout.readline().strip() for _ in range(2)] == ["measured before the timeout", "ready"]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 1  # a failed part, its record written
+    rec = json.loads(record.read_text())
+    assert not rec["ok"] and rec["summary"][0] == "measured before the timeout"

@@ -121,7 +121,8 @@ def graphs_check(rec: Record, eager, golden: Path, rows, device) -> None:
     from sampler.params import DiffusionParams
     from server.engine.llm import LLM
 
-    graphed = LLM(str(golden), dtype="float32", device=str(device), gpu_memory_utilization=0.05, max_num_seqs=4,
+    # A fixed pool: sized from memory while the eager engine still holds its own, it would find no room.
+    graphed = LLM(str(golden), dtype="float32", device=str(device), kv_cache_tokens=8192, max_num_seqs=4,
                   enforce_eager=False)
     graphs = graphed.engine.runner.graphs
     replayed = []
