@@ -69,13 +69,13 @@ class LLMEngine:
         widths = sorted({self.decoding_defaults.get("block_length", DiffusionParams.block_length),
                          *model_config.graph_block_lengths})
         tensor_parallel = self.workers is not None or parallel is not None
-        graph_step = None  # the largest step captured as a CUDA graph, whose memory the KV pool leaves free
+        graph_steps = None  # the steps captured as CUDA graphs, whose memory the KV pool leaves free
         if not model_config.enforce_eager and sc.kv_cache_tokens != 0 \
                 and why_no_graphs(self.model, self.model.device, tensor_parallel, True) is None:
-            graph_step = (batch_buckets(sc.max_num_seqs)[-1], widths[-1])
+            graph_steps = [(b, w) for b in batch_buckets(sc.max_num_seqs) for w in widths]
         sc = size_kv_cache(self.model, sc, model_config.gpu_memory_utilization,
                            memory if memory is not None else device_memory(self.model.device),
-                           self.decoding_defaults.get("gen_length", 128), graph_step)
+                           self.decoding_defaults.get("gen_length", 128), graph_steps)
         if self.workers is not None:
             from server.engine.tp_workers import agree_kv
 

@@ -15,9 +15,11 @@ graphs (``--no-enforce-eager``), the graphs' memory pool comes off the pool
 too: the captured steps share one pool sized by the largest bucket's step,
 and the allocator never hands it back to eager steps, so a second profile
 forward at that step's shape (every token's logits, as the graph keeps
-them) measures what to reserve:
+them) measures what to reserve, with the logits each other graph keeps as
+its output:
 
-    pool bytes = utilization * total - peak after the profile - graph step's activations
+    pool bytes = utilization * total - peak after the profile - largest graph step's activations
+                 - the other graph steps' logits
 
 On CPU ``--kv-cache-tokens`` keeps its meaning.
 
@@ -103,11 +105,12 @@ def kv_pages_from_memory(total: int, peak: int, utilization: float, page_bytes: 
 
 
 @torch.inference_mode()
-def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int, with_softmax: bool = True) -> None:
+def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int, with_softmax: bool = True) -> int:
     """One forward at the largest batch the scheduler may form: ``num_tokens``
     tokens in ``num_seqs`` sequences (as equal as they split), logits on every
     token and (``with_softmax``) their float32 softmax (the sampler's
-    probabilities): at least the activation memory any real step needs."""
+    probabilities): at least the activation memory any real step needs.
+    Returns the bytes of one token's logits."""
     num_seqs = max(1, min(num_seqs, num_tokens))
     lengths = [num_tokens // num_seqs + (i < num_tokens % num_seqs) for i in range(num_seqs)]
     cu_seqlens = [0]
@@ -119,15 +122,18 @@ def profile_forward(model: torch.nn.Module, num_tokens: int, num_seqs: int, with
     logits = model(ids, positions, cu_seqlens)  # (num_tokens, vocab)
     if with_softmax:
         torch.softmax(logits.float(), dim=-1)
+    return logits.shape[1] * logits.element_size()
 
 
 def size_kv_cache(model: torch.nn.Module, config: SchedulerConfig, utilization: float,
                   memory: MemorySource | None, request_tokens: int,
-                  graph_step: tuple[int, int] | None = None) -> SchedulerConfig:
+                  graph_steps: list[tuple[int, int]] | None = None) -> SchedulerConfig:
     """``config`` with ``kv_cache_tokens`` set from device memory, when there
     is a memory source and the user fixed no size; else ``config`` as is.
-    ``graph_step``: (sequences, tokens per sequence) of the largest step
-    that will be captured as a CUDA graph, whose memory is reserved. Logs
+    ``graph_steps``: (sequences, tokens per sequence) of every step that
+    will be captured as a CUDA graph, whose memory is reserved: the largest
+    step's activations (the pool every graph shares) and the logits each
+    other graph keeps as its output. Logs
     the pool in tokens and how many ``request_tokens``-long requests
     (prompt + canvas) it holds at once."""
     if memory is None or config.kv_cache_tokens is not None:
@@ -136,14 +142,16 @@ def size_kv_cache(model: torch.nn.Module, config: SchedulerConfig, utilization: 
     profile_forward(model, config.max_num_batched_tokens, config.max_num_seqs)
     total, peak = memory.total(), memory.peak()
     graph_bytes = 0
-    if graph_step is not None:
-        num_seqs, width = graph_step
+    if graph_steps:
+        num_seqs, width = max(graph_steps, key=lambda step: step[0] * step[1])
         memory.reset_peak()
         held = memory.peak()  # the weights (and what lives outside the allocator), no activations
-        profile_forward(model, num_seqs * width, num_seqs, with_softmax=False)  # the sampler runs outside graphs
-        graph_bytes = max(0, memory.peak() - held)
-        logger.info("CUDA graphs: %.2f GiB reserved for their memory pool (the largest captured step: "
-                    "%d sequences x %d tokens)", graph_bytes / GiB, num_seqs, width)
+        row_bytes = profile_forward(model, num_seqs * width, num_seqs, with_softmax=False)  # sampler: outside graphs
+        kept = sum(n * w for n, w in graph_steps) - num_seqs * width  # the other graphs' logits, kept as outputs
+        graph_bytes = max(0, memory.peak() - held) + kept * row_bytes
+        logger.info("CUDA graphs: %.2f GiB reserved for their memory pool (the largest captured step, %d sequences "
+                    "x %d tokens, and the logits of %d other steps)", graph_bytes / GiB, num_seqs, width,
+                    len(graph_steps) - 1)
     page_bytes = kv_bytes_per_token(model) * config.page_size
     pages = kv_pages_from_memory(total, peak, utilization, page_bytes, graph_bytes)
     if pages <= config.max_num_seqs:
