@@ -5,9 +5,10 @@ waiting on its client, and a way to end them all at the deadline.
 ``InFlight`` middleware): a request is *stalled* while its body has not
 fully arrived or a write of its response has not been accepted (a client
 that stopped reading), timed from the last piece of the body that came, so
-a slow upload that keeps arriving is not taken for a stalled one. Requests register an ``on_deadline`` hook while they
-wait on the engine: at the deadline a stream puts its ``shutdown`` error
-event and ``[DONE]``, a non-streamed request answers 503.
+a slow upload that keeps arriving is not taken for a stalled one. Requests
+register an ``on_deadline`` hook while they wait on the engine: at the
+deadline a stream puts its ``shutdown`` error event and ``[DONE]``, a
+non-streamed request answers 503.
 """
 from __future__ import annotations
 

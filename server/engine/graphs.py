@@ -196,7 +196,7 @@ def capture_at_start(runner, device: torch.device, widths: list[int], max_model_
     max_pages = -(-max_model_len // runner.kv_cache.page_size)
     free_before = torch.cuda.mem_get_info(device)[0]
     t0 = time.perf_counter()
-    graphs = runner.capture_graphs(list(widths), max_pages, cuda_graphs())
+    graphs = runner.capture_graphs(widths, max_pages, cuda_graphs())
     logger.info("CUDA graphs: captured %d static steps (buckets %s, %s tokens per sequence, tables of %d pages) "
                 "in %.1f s, using %.2f GiB", len(graphs.graphs), runner.bucket_sizes,
                 " and ".join(map(str, widths)), max_pages, time.perf_counter() - t0,

@@ -133,9 +133,8 @@ def size_kv_cache(model: torch.nn.Module, config: SchedulerConfig, utilization: 
     ``graph_steps``: (sequences, tokens per sequence) of every step that
     will be captured as a CUDA graph, whose memory is reserved: the largest
     step's activations (the pool every graph shares) and the logits each
-    other graph keeps as its output. Logs
-    the pool in tokens and how many ``request_tokens``-long requests
-    (prompt + canvas) it holds at once."""
+    other graph keeps as its output. Logs the pool in tokens and how many
+    ``request_tokens``-long requests (prompt + canvas) it holds at once."""
     if memory is None or config.kv_cache_tokens is not None:
         return config
     memory.reset_peak()
